@@ -1,0 +1,89 @@
+"""The application factory: routes, error handlers and the lifespan that owns the Redis client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from taskcast.connection import connect
+from taskcast.errors import CorruptRecord, StoreUnavailable
+from taskcast.health import healthz, readyz
+from taskcast.keys import TaskKeys
+from taskcast.openapi import openapi_json
+from taskcast.responses import envelope, internal_error
+from taskcast.rest import get_task
+from taskcast.settings import Settings
+from taskcast.store import TaskStore
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = connect(settings.redis_url, timeout=settings.redis_timeout_s)
+        app.state.settings = settings
+        app.state.store = TaskStore(redis, TaskKeys(settings.prefix))
+        logger.info("taskcast serving tasks from %s (prefix %r)", _safe_url(settings.redis_url),
+                    settings.prefix)
+        try:
+            yield
+        finally:
+            await redis.aclose()
+
+    routes = [
+        Route("/tasks/{task_id}", get_task, methods=["GET"]),
+        # An empty id still gets the 422 body rather than a bare 404.
+        Route("/tasks/", get_task, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPException: _http_error,
+            StoreUnavailable: _store_unavailable,
+            CorruptRecord: _corrupt_record,
+            Exception: _unexpected_error,
+        },
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    msg = {404: "not found", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+    return envelope(exc.status_code, msg, headers=exc.headers)
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    return internal_error()
+
+
+async def _corrupt_record(request: Request, exc: Exception) -> Response:
+    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    return internal_error()
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback after this handler; the client sees the seed's 500 body only.
+    return internal_error()
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

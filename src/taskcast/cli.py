@@ -1,0 +1,125 @@
+"""Command line: `taskcast serve` runs the gateway; `taskcast task ...` drives tasks by hand.
+
+Only this module configures logging handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+import orjson
+
+from taskcast.errors import TaskcastError
+from taskcast.settings import Settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    for spec in fields(Settings):
+        if spec.name not in names:
+            continue
+        kind = {"int": int, "float": float}.get(str(spec.type), str)
+        parser.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            dest=spec.name,
+            type=kind,
+            default=None,
+            help=f"{spec.metadata.get('help', '')} (env TASKCAST_{spec.name.upper()}, "
+            f"default {spec.default!r})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskcast", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    _add_settings_flags(
+        serve, ["host", "port", "redis_url", "prefix", "retention_s", "log_level",
+                "redis_timeout_s"]
+    )
+
+    task = commands.add_parser("task", help="create, advance or read a task (operator tool)")
+    actions = task.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a submitted task; prints it as JSON")
+    create.add_argument("--id", type=int, dest="task_id", help="use this id (default: next id)")
+    create.add_argument("--type", default="", help="generation type")
+    create.add_argument("--angle", default="", help="view angle")
+    progress = actions.add_parser("progress", help="mark processing with a progress 0..100")
+    progress.add_argument("task_id", type=int)
+    progress.add_argument("progress", type=int)
+    complete = actions.add_parser("complete", help="complete with an image")
+    complete.add_argument("task_id", type=int)
+    complete.add_argument("--image-url")
+    complete.add_argument("--image-base64", help="already base64-encoded image")
+    complete.add_argument("--image-file", type=Path, help="an image file to base64-encode")
+    fail = actions.add_parser("fail", help="fail with an error message")
+    fail.add_argument("task_id", type=int)
+    fail.add_argument("error_message")
+    get = actions.add_parser("get", help="print the task object as JSON")
+    get.add_argument("task_id", type=int)
+    for sub in (create, progress, complete, fail, get):
+        _add_settings_flags(sub, ["redis_url", "prefix", "retention_s"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {spec.name: getattr(args, spec.name, None) for spec in fields(Settings)}
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValueError as exc:
+        print(f"taskcast: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return _serve(settings)
+    return _task_command(args, settings)
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from taskcast.app import create_app
+
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        lifespan="on",
+    )
+    return 0
+
+
+def _task_command(args: argparse.Namespace, settings: Settings) -> int:
+    from taskcast.producer import SyncProducer
+    producer = SyncProducer.from_url(
+        settings.redis_url, prefix=settings.prefix, retention_s=settings.retention_s
+    )
+    try:
+        if args.action == "create":
+            task = producer.create(task_id=args.task_id, type=args.type, angle=args.angle)
+        elif args.action == "progress":
+            task = producer.progress(args.task_id, args.progress)
+        elif args.action == "complete":
+            image: str | bytes | None = args.image_base64
+            if args.image_file is not None:
+                image = args.image_file.read_bytes()
+            task = producer.complete(args.task_id, image_url=args.image_url, image_base64=image)
+        elif args.action == "fail":
+            task = producer.fail(args.task_id, args.error_message)
+        else:
+            task = producer.get(args.task_id)
+    except (TaskcastError, ValueError) as exc:
+        print(f"taskcast: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        producer.close()
+    sys.stdout.write(orjson.dumps(task.to_dict()).decode() + "\n")
+    return 0

@@ -1,0 +1,62 @@
+"""Building Redis clients from a URL: a real server, or the embedded `memory://` store.
+
+The embedded store is fakeredis with Lua, so the gateway and the producer run the very same
+update script and pub/sub code path as against a real server. Clients opened on the same
+`memory://NAME` URL in one process share one in-memory server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+MEMORY_SCHEME = "memory://"
+
+_memory_servers: dict[str, Any] = {}
+
+
+def is_memory_url(url: str) -> bool:
+    return url.startswith(MEMORY_SCHEME)
+
+
+def _memory_server(url: str) -> Any:
+    import fakeredis
+
+    name = url[len(MEMORY_SCHEME) :] or "default"
+    if name not in _memory_servers:
+        _memory_servers[name] = fakeredis.FakeServer()
+    return _memory_servers[name]
+
+
+def connect(url: str, *, timeout: float = 2.0, max_connections: int = 200) -> aioredis.Redis:
+    """An asyncio client that fails fast: a request should see a 500 within about `timeout`
+    seconds of Redis going away, not after redis-py's default ten retries."""
+    if is_memory_url(url):
+        import fakeredis
+
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis(
+            server=_memory_server(url), decode_responses=False
+        )
+        return client
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+        max_connections=max_connections,
+        health_check_interval=0,
+    )
+
+
+def connect_sync(url: str, *, timeout: float = 5.0) -> Any:
+    """A blocking client for the synchronous producer and the CLI."""
+    if is_memory_url(url):
+        import fakeredis
+
+        return fakeredis.FakeRedis(server=_memory_server(url))
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)

@@ -1,0 +1,155 @@
+"""The task object (contract section 1) and its encodings: the wire format lives here only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from taskcast.errors import CorruptRecord
+
+
+class TaskStatus(StrEnum):
+    SUBMITTED = "submitted"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED)
+
+
+# Hash fields of the record `P:task:{ID}` (contract section 3).
+RECORD_FIELDS: tuple[str, ...] = (
+    "task_id",
+    "status",
+    "progress",
+    "type",
+    "angle",
+    "image_url",
+    "image_base64",
+    "error_message",
+    "version",
+    "created_at",
+    "updated_at",
+)
+RECORD_FIELDS_WITHOUT_IMAGE_BASE64 = tuple(f for f in RECORD_FIELDS if f != "image_base64")
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    task_id: int
+    status: TaskStatus
+    progress: int
+    type: str = ""
+    angle: str = ""
+    image_base64: str = ""
+    image_url: str = ""
+    error_message: str = ""
+    version: int = 0
+    updated_at: int = 0
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    def to_dict(self, *, include_image_base64: bool = True) -> dict[str, Any]:
+        """The task object in the seed's field order; `image` is always present."""
+        return {
+            "task_id": self.task_id,
+            "status": self.status.value,
+            "progress": self.progress,
+            "type": self.type,
+            "angle": self.angle,
+            "image": {
+                "image_base64": self.image_base64 if include_image_base64 else "",
+                "image_url": self.image_url,
+            },
+            "error_message": self.error_message,
+            "version": self.version,
+            "updated_at": self.updated_at,
+        }
+
+    def to_json(self, *, include_image_base64: bool = True) -> bytes:
+        return orjson.dumps(self.to_dict(include_image_base64=include_image_base64))
+
+    def without_image_base64(self) -> Task:
+        return replace(self, image_base64="") if self.image_base64 else self
+
+    @classmethod
+    def from_record(cls, task_id: int, record: Mapping[str, str | None]) -> Task:
+        """Build from the hash fields; missing fields take the contract's defaults.
+
+        Plain-HSET producers may write only some fields, so absence is not corruption;
+        a field that is present but not of its type is.
+        """
+
+        def text(name: str) -> str:
+            return record.get(name) or ""
+
+        def integer(name: str) -> int:
+            raw = record.get(name)
+            if raw is None or raw == "":
+                return 0
+            try:
+                return int(raw)
+            except ValueError:
+                raise CorruptRecord(task_id, f"{name}={raw!r} is not an integer") from None
+
+        raw_status = record.get("status") or TaskStatus.SUBMITTED.value
+        try:
+            status = TaskStatus(raw_status)
+        except ValueError:
+            raise CorruptRecord(task_id, f"unknown status {raw_status!r}") from None
+        return cls(
+            task_id=task_id,
+            status=status,
+            progress=integer("progress"),
+            type=text("type"),
+            angle=text("angle"),
+            image_base64=text("image_base64"),
+            image_url=text("image_url"),
+            error_message=text("error_message"),
+            version=integer("version"),
+            updated_at=integer("updated_at"),
+        )
+
+    @classmethod
+    def from_hmget(
+        cls, task_id: int, fields: Sequence[str], values: Sequence[bytes | str | None]
+    ) -> Task | None:
+        """From an HMGET reply; None when no field exists (no record, or it expired)."""
+        record = {
+            name: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            for name, value in zip(fields, values, strict=True)
+            if value is not None
+        }
+        return cls.from_record(task_id, record) if record else None
+
+    @classmethod
+    def from_json(cls, payload: bytes | str) -> Task:
+        """Decode an event payload; raises ValueError (or KeyError/TypeError) when malformed."""
+        data = orjson.loads(payload)
+        image = data.get("image") or {}
+        return cls(
+            task_id=_as_int(data["task_id"]),
+            status=TaskStatus(data["status"]),
+            progress=_as_int(data.get("progress", 0)),
+            type=str(data.get("type", "")),
+            angle=str(data.get("angle", "")),
+            image_base64=str(image.get("image_base64", "")),
+            image_url=str(image.get("image_url", "")),
+            error_message=str(data.get("error_message", "")),
+            version=_as_int(data.get("version", 0)),
+            updated_at=_as_int(data.get("updated_at", 0)),
+        )
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value

@@ -1,0 +1,67 @@
+"""One frozen settings object, built from `TASKCAST_*` environment variables and CLI flags.
+
+The app factory takes it explicitly, so tests build Settings instead of patching the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from taskcast.keys import DEFAULT_PREFIX
+
+ENV_PREFIX = "TASKCAST_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata={"help": "redis://, rediss://, unix:// or memory:// (embedded store)"},
+    )
+    prefix: str = field(default=DEFAULT_PREFIX, metadata={"help": "Redis key prefix"})
+    retention_s: int = field(
+        default=86_400, metadata={"help": "seconds a finished task is kept (0 = forever)"}
+    )
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    redis_timeout_s: float = field(
+        default=2.0, metadata={"help": "Redis connect/read timeout for requests, in seconds"}
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `TASKCAST_<FIELD>` variables, then explicit overrides (CLI flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = environ.get(ENV_PREFIX + spec.name.upper())
+            if raw is not None:
+                values[spec.name] = _convert(spec.name, raw, spec.type)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _convert(name: str, raw: str, kind: object) -> Any:
+    try:
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        if kind in (bool, "bool"):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if kind in ("tuple[str, ...]",):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

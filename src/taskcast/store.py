@@ -1,0 +1,52 @@
+"""Reading task records (contract section 3) for the REST endpoint and the live push hub."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from taskcast.errors import StoreUnavailable
+from taskcast.keys import TaskKeys
+from taskcast.models import RECORD_FIELDS, RECORD_FIELDS_WITHOUT_IMAGE_BASE64, Task
+
+# Errors that mean "the store is not answering", as opposed to a bug in our code.
+STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class TaskStore:
+    def __init__(self, redis: aioredis.Redis, keys: TaskKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def get(self, task_id: int, *, include_image_base64: bool = True) -> Task | None:
+        """The current task, or None when there is no record (never created, or expired).
+
+        Leaving `image_base64` out skips reading it from Redis too: it can be megabytes.
+        """
+        fields = RECORD_FIELDS if include_image_base64 else RECORD_FIELDS_WITHOUT_IMAGE_BASE64
+        try:
+            values = await self.redis.hmget(self.keys.record(task_id), fields)
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
+        return Task.from_hmget(task_id, fields, values)
+
+    async def version(self, task_id: int) -> int | None:
+        """Only the version: cheap enough to answer `If-None-Match` without the image."""
+        try:
+            raw = await self.redis.hget(self.keys.record(task_id), "version")
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            return None
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except STORE_ERRORS:
+            return False

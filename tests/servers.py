@@ -1,0 +1,136 @@
+"""Real servers for tests: redis-server processes on free ports and uvicorn on an unused port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from starlette.applications import Starlette
+
+from taskcast.app import create_app
+from taskcast.settings import Settings
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process that a test may stop, kill, pause and start again on its port."""
+
+    def __init__(self, workdir: Path, port: int | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+             "--logfile", str(self.workdir / "redis.log"), *self.extra_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.cli("PING", check=False).strip() == "PONG":
+                return
+            if self.process.poll() is not None:
+                log = (self.workdir / "redis.log").read_text()
+                raise RuntimeError(f"redis-server exited: {log}")
+            time.sleep(0.02)
+        raise TimeoutError(f"redis-server on {self.port} did not answer PING")
+
+    def cli(self, *args: str, check: bool = True) -> str:
+        result = subprocess.run(
+            [REDIS_CLI, "-p", str(self.port), *args],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(result.stderr)
+        return result.stdout
+
+    def stop(self) -> None:
+        """SIGTERM and wait: a clean shutdown."""
+        if self.process and self.process.poll() is None:
+            self.resume()
+            self.process.terminate()
+            self.process.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes without closing its connections cleanly."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung server that accepts nothing and answers nothing."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+
+@dataclass
+class Gateway:
+    app: Starlette
+    server: uvicorn.Server
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def run_gateway(settings: Settings, port: int | None = None) -> AsyncIterator[Gateway]:
+    """A real uvicorn serving the app on 127.0.0.1, in the test's event loop."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port or 0))
+    bound_port = int(sock.getsockname()[1])
+    app = create_app(settings)
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(15):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn stopped during start-up")
+                await asyncio.sleep(0.01)
+        yield Gateway(app=app, server=server, port=bound_port)
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(15):
+            await task
+        sock.close()
