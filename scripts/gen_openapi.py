@@ -44,7 +44,61 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
             "content": {"application/json": {"schema": schema or ENVELOPE}}}
 
 
+TASK_ID = {"name": "task_id", "in": "path", "required": True,
+           "schema": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807}}
+IMAGE_FLAG = {"name": "image_base64", "in": "query", "required": False,
+              "description": "false leaves image.image_base64 empty in every event",
+              "schema": {"type": "boolean", "default": True}}
+LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "description": "sent by EventSource on reconnect: the last version it got",
+                 "schema": {"type": "string"}}
+SSE_BODY = {"text/event-stream": {"schema": {"type": "string", "description": (
+    "`retry: <ms>` first; then one event per task state: `id: <version>` and "
+    "`data: <task object JSON>` (no event name, so EventSource.onmessage gets it); "
+    "`: keep-alive` comments while quiet. The current state comes first, then only newer "
+    "versions; the terminal state always comes last, then the stream ends.")}}}
+
 EXTRA_PATHS: dict[str, Any] = {
+    "/tasks/{task_id}/events": {
+        "get": {
+            "summary": "Server-Sent Events of one task",
+            "parameters": [TASK_ID, IMAGE_FLAG, LAST_EVENT_ID],
+            "responses": {
+                "200": {"description": "event stream", "content": SSE_BODY},
+                "204": {"description": "Last-Event-ID is the terminal version: nothing more "
+                        "will come (EventSource stops reconnecting)"},
+                "404": _json("task not found"),
+                "422": {"description": "malformed task id or flag"},
+            },
+        }
+    },
+    "/events": {
+        "get": {
+            "summary": "Server-Sent Events of many tasks on one connection",
+            "description": "Ends with `event: end`, `id: done` once every task is finished; "
+                           "a reconnect with `Last-Event-ID: done` gets 204.",
+            "parameters": [
+                {"name": "task_id", "in": "query", "required": True,
+                 "description": "repeat it, or separate ids with commas",
+                 "style": "form", "explode": True,
+                 "schema": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+                IMAGE_FLAG, LAST_EVENT_ID,
+            ],
+            "responses": {
+                "200": {"description": "event stream", "content": SSE_BODY},
+                "204": {"description": "the stream already ended (Last-Event-ID: done)"},
+                "404": _json("one of the tasks does not exist"),
+                "422": {"description": "missing, malformed or too many task ids"},
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {"200": {"description": "Prometheus text format",
+                                  "content": {"text/plain": {}}}},
+        }
+    },
     "/healthz": {
         "get": {
             "summary": "Liveness: the process answers",

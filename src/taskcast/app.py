@@ -12,14 +12,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from taskcast.broker import RedisPubSubBroker
 from taskcast.connection import connect
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.health import healthz, readyz
+from taskcast.hub import Hub
 from taskcast.keys import TaskKeys
+from taskcast.metrics import Metrics, metrics_endpoint
 from taskcast.openapi import openapi_json
 from taskcast.responses import envelope, internal_error
 from taskcast.rest import get_task
 from taskcast.settings import Settings
+from taskcast.sse import many_task_events, task_events
 from taskcast.store import TaskStore
 
 logger = logging.getLogger(__name__)
@@ -31,19 +35,31 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout=settings.redis_timeout_s)
+        keys = TaskKeys(settings.prefix)
+        store = TaskStore(redis, keys)
+        metrics = Metrics()
+        broker = RedisPubSubBroker(redis, keys, ping_deadline_s=settings.redis_ping_deadline_s)
+        hub = Hub(broker, store, metrics, resync_interval_s=settings.resync_interval_s)
         app.state.settings = settings
-        app.state.store = TaskStore(redis, TaskKeys(settings.prefix))
+        app.state.store = store
+        app.state.metrics = metrics
+        app.state.hub = hub
+        hub.start()
         logger.info("taskcast serving tasks from %s (prefix %r)", _safe_url(settings.redis_url),
                     settings.prefix)
         try:
             yield
         finally:
+            await hub.close()
             await redis.aclose()
 
     routes = [
         Route("/tasks/{task_id}", get_task, methods=["GET"]),
         # An empty id still gets the 422 body rather than a bare 404.
         Route("/tasks/", get_task, methods=["GET"]),
+        Route("/tasks/{task_id}/events", task_events, methods=["GET"]),
+        Route("/events", many_task_events, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),

@@ -32,6 +32,25 @@ class Settings:
         default=2.0, metadata={"help": "Redis connect/read timeout for requests, in seconds"}
     )
 
+    sse_keepalive_s: float = field(
+        default=15.0, metadata={"help": "seconds between SSE keep-alive comments"}
+    )
+    sse_retry_ms: int = field(
+        default=2000, metadata={"help": "reconnect delay hinted to EventSource clients (ms)"}
+    )
+    send_timeout_s: float = field(
+        default=10.0, metadata={"help": "a client that takes longer to accept a write is closed"}
+    )
+    resync_interval_s: float = field(
+        default=5.0, metadata={"help": "seconds between re-reads of watched unfinished tasks"}
+    )
+    redis_ping_deadline_s: float = field(
+        default=5.0, metadata={"help": "pub/sub connection without any reply this long is rebuilt"}
+    )
+    max_tasks_per_stream: int = field(
+        default=1000, metadata={"help": "task ids one /events stream may watch"}
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then `TASKCAST_<FIELD>` variables, then explicit overrides (CLI flags)."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from taskcast.errors import StoreUnavailable
+from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.keys import TaskKeys
 from taskcast.models import RECORD_FIELDS, RECORD_FIELDS_WITHOUT_IMAGE_BASE64, Task
+
+logger = logging.getLogger(__name__)
 
 # Errors that mean "the store is not answering", as opposed to a bug in our code.
 STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -31,6 +34,23 @@ class TaskStore:
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
         return Task.from_hmget(task_id, fields, values)
+
+    async def get_many(self, task_ids: list[int]) -> dict[int, Task | None]:
+        """Several records in one round trip (a pipeline without MULTI)."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    pipe.hmget(self.keys.record(task_id), RECORD_FIELDS)
+                replies = await pipe.execute()
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"reading {len(task_ids)} tasks failed: {exc}") from exc
+        tasks: dict[int, Task | None] = {}
+        for task_id, values in zip(task_ids, replies, strict=True):
+            try:
+                tasks[task_id] = Task.from_hmget(task_id, RECORD_FIELDS, values)
+            except CorruptRecord as exc:  # one bad record must not hide the others
+                logger.error("%s", exc)
+        return tasks
 
     async def version(self, task_id: int) -> int | None:
         """Only the version: cheap enough to answer `If-None-Match` without the image."""

@@ -1,0 +1,208 @@
+"""Task event brokers: where the hub's one subscription per process comes from.
+
+A broker keeps a set of subscribed tasks and tells its listener about three things:
+a message on a task channel, a subscription confirmation (initial or after a reconnect, so a
+gap is possible and the record must be re-read), and connection loss. Delivery from a broker is
+at most once: the hub, not the broker, makes it reliable (see hub.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from taskcast.keys import TaskKeys
+from taskcast.store import STORE_ERRORS
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerListener(Protocol):
+    def on_message(self, task_id: int, payload: bytes) -> None: ...
+
+    def on_subscribed(self, task_id: int) -> None: ...
+
+    def on_connection_lost(self) -> None: ...
+
+
+class Broker(Protocol):
+    def start(self, listener: BrokerListener) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def subscribe(self, task_id: int) -> None: ...
+
+    def unsubscribe(self, task_id: int) -> None: ...
+
+    @property
+    def subscription_count(self) -> int: ...
+
+
+class HungConnection(Exception):
+    """Redis accepted the connection but stopped answering PING (e.g. SIGSTOP, a dead link)."""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self) -> float:
+        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class RedisPubSubBroker:
+    """Classic pub/sub on one dedicated connection.
+
+    One writer coroutine sends every SUBSCRIBE/UNSUBSCRIBE/PING (batched, never concurrent),
+    one reader drains the connection, and the writer doubles as a watchdog: when nothing,
+    not even a PONG, arrives for `ping_deadline_s`, the connection is declared hung and rebuilt.
+    """
+
+    SUBSCRIBE_CHUNK = 1000
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: TaskKeys,
+        *,
+        ping_interval_s: float = 1.0,
+        ping_deadline_s: float = 5.0,
+        backoff_cap_s: float = 5.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ping_interval_s = ping_interval_s
+        self.ping_deadline_s = ping_deadline_s
+        self._backoff = Backoff(cap=backoff_cap_s)
+        # A control channel keeps the connection subscribed (redis-py's listen() returns when
+        # nothing is subscribed) and gives PINGs something to ride on when no task is watched.
+        self._control = f"{keys.prefix}:gateway:control"
+        self._desired: set[str] = set()
+        self._to_subscribe: set[str] = set()
+        self._to_unsubscribe: set[str] = set()
+        self._wake = asyncio.Event()
+        self._last_seen = time.monotonic()
+        self._listener: BrokerListener | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    @property
+    def subscription_count(self) -> int:
+        return len(self._desired)
+
+    def start(self, listener: BrokerListener) -> None:
+        self._listener = listener
+        self._runner = asyncio.create_task(self._run(), name="taskcast-broker")
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+
+    def subscribe(self, task_id: int) -> None:
+        channel = self.keys.channel(task_id)
+        self._desired.add(channel)
+        self._to_unsubscribe.discard(channel)
+        self._to_subscribe.add(channel)
+        self._wake.set()
+
+    def unsubscribe(self, task_id: int) -> None:
+        channel = self.keys.channel(task_id)
+        self._desired.discard(channel)
+        self._to_subscribe.discard(channel)
+        self._to_unsubscribe.add(channel)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            pubsub: Any = self.redis.pubsub(ignore_subscribe_messages=False)
+            try:
+                await self._session(pubsub)
+            except (*STORE_ERRORS, HungConnection) as exc:
+                logger.warning("Redis pub/sub connection lost (%s); reconnecting", exc or
+                               type(exc).__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1):
+                        await pubsub.aclose()
+            assert self._listener is not None
+            self._listener.on_connection_lost()
+            await asyncio.sleep(self._backoff.next())
+
+    async def _session(self, pubsub: Any) -> None:
+        channels = [self._control, *self._desired]
+        self._to_subscribe.clear()
+        self._to_unsubscribe.clear()
+        self._last_seen = time.monotonic()
+        async with asyncio.timeout(self.ping_deadline_s):
+            for start in range(0, len(channels), self.SUBSCRIBE_CHUNK):
+                await pubsub.subscribe(*channels[start : start + self.SUBSCRIBE_CHUNK])
+        reader = asyncio.create_task(self._read(pubsub))
+        writer = asyncio.create_task(self._write(pubsub))
+        try:
+            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise ConnectionError("pub/sub loop ended")
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+
+    async def _read(self, pubsub: Any) -> None:
+        listener = self._listener
+        assert listener is not None
+        async for message in pubsub.listen():
+            self._last_seen = time.monotonic()
+            kind = message["type"]
+            if kind == "message":
+                task_id = self.keys.task_id_of_channel(_text(message["channel"]))
+                if task_id is not None:
+                    listener.on_message(task_id, message["data"])
+            elif kind == "subscribe":
+                channel = _text(message["channel"])
+                task_id = self.keys.task_id_of_channel(channel)
+                if task_id is not None:
+                    # First confirmation, or redis-py re-subscribing after a silent reconnect:
+                    # either way messages may have been missed, so the record is re-read.
+                    listener.on_subscribed(task_id)
+                elif channel == self._control:
+                    self._backoff.reset()
+
+    async def _write(self, pubsub: Any) -> None:
+        last_ping = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ping_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            now = time.monotonic()
+            if now - self._last_seen > self.ping_deadline_s:
+                raise HungConnection(f"no reply from Redis for {now - self._last_seen:.1f} s")
+            if self._to_unsubscribe:
+                channels, self._to_unsubscribe = list(self._to_unsubscribe), set()
+                await pubsub.unsubscribe(*channels)
+            while self._to_subscribe:
+                batch = list(self._to_subscribe)[: self.SUBSCRIBE_CHUNK]
+                self._to_subscribe.difference_update(batch)
+                await pubsub.subscribe(*batch)
+            if now - last_ping >= self.ping_interval_s:
+                last_ping = now
+                await pubsub.ping()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

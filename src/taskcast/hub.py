@@ -1,0 +1,288 @@
+"""The fan-out core: one subscription per process, many watchers, and the delivery guarantee.
+
+Delivery guarantee (contract section 4). The record in Redis is the truth; pub/sub events are
+hints that carry a whole new state with its `version`. For every task a watcher follows, the hub
+offers it the current state first and then only strictly newer versions, and the terminal state
+is never lost. How:
+
+* Subscribe first, read second. A task's channel is subscribed when its first local watcher
+  arrives; every subscription confirmation (the first one, and the ones redis-py produces when
+  it silently reconnects) marks the task dirty, and the refresher then re-reads its record.
+  Whatever order events and reads arrive in, only versions above the last one known are passed
+  on, so the result is the same: no duplicates, no regressions.
+* Pub/sub is at most once: Redis drops slow subscribers, outages lose messages, and a producer
+  may publish while we are disconnected. So the broker reconnects with backoff (its watchdog
+  PINGs and rebuilds a hung connection), and every watched task that is not finished is also
+  re-read every `resync_interval_s`: a lost last event is delivered at the latest then.
+* Each state is decoded once per process and encoded once per output format (TaskState caches
+  the frames), and every watcher of the task shares those bytes.
+* Each watcher has one pending slot per task. A newer state replaces an older one that the
+  client has not taken yet (conflation, counted); since the terminal state is the last version
+  of a task, nothing can replace it, so it is never dropped. A watcher's memory is therefore
+  bounded by the number of tasks it watches, however slow its client. Transports close clients
+  that stop reading altogether (send timeouts), and those reconnect and resume from the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+from taskcast.broker import Broker
+from taskcast.errors import StoreUnavailable
+from taskcast.metrics import Metrics
+from taskcast.models import Task
+from taskcast.store import TaskStore
+
+logger = logging.getLogger(__name__)
+
+
+class TaskState:
+    """One version of a task with its encodings, built lazily and shared by all watchers."""
+
+    __slots__ = ("task", "_frames")
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self._frames: dict[tuple[str, bool], bytes] = {}
+
+    @property
+    def version(self) -> int:
+        return self.task.version
+
+    def sse_frame(self, include_image_base64: bool) -> bytes:
+        key = ("sse", include_image_base64)
+        frame = self._frames.get(key)
+        if frame is None:
+            data = self.task.to_json(include_image_base64=include_image_base64)
+            frame = b"id: %d\ndata: %s\n\n" % (self.task.version, data)
+            self._frames[key] = frame
+        return frame
+
+    def ws_frame(self, include_image_base64: bool) -> bytes:
+        key = ("ws", include_image_base64)
+        frame = self._frames.get(key)
+        if frame is None:
+            data = self.task.to_json(include_image_base64=include_image_base64)
+            frame = b'{"type":"task","data":%s}' % data
+            self._frames[key] = frame
+        return frame
+
+
+class Watcher:
+    """One client's view: the newest undelivered state per task, and a wake-up event."""
+
+    __slots__ = ("pending", "known", "missing", "closed", "close_reason", "_wake", "_metrics")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.pending: dict[int, TaskState] = {}
+        self.known: dict[int, int] = {}
+        self.missing: set[int] = set()
+        self.closed = False
+        self.close_reason = ""
+        self._wake = asyncio.Event()
+        self._metrics = metrics
+
+    def offer(self, state: TaskState) -> None:
+        task_id = state.task.task_id
+        if state.version <= self.known.get(task_id, 0):
+            return
+        self.known[task_id] = state.version
+        if task_id in self.pending:
+            self._metrics.conflated.inc()
+        self.pending[task_id] = state
+        self._wake.set()
+
+    def offer_missing(self, task_id: int) -> None:
+        self.missing.add(task_id)
+        self._wake.set()
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed, self.close_reason = True, reason
+            self._wake.set()
+
+    async def next_batch(self, timeout: float) -> list[TaskState]:
+        """The pending states in arrival order; [] after `timeout` s of quiet or on close."""
+        if not self.pending and not self.closed and not self.missing:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+        batch = list(self.pending.values())
+        self.pending.clear()
+        return batch
+
+
+class _Topic:
+    __slots__ = ("watchers", "state")
+
+    def __init__(self) -> None:
+        self.watchers: set[Watcher] = set()
+        self.state: TaskState | None = None
+
+
+class Hub:
+    REFRESH_BATCH = 200
+
+    def __init__(
+        self,
+        broker: Broker,
+        store: TaskStore,
+        metrics: Metrics,
+        *,
+        resync_interval_s: float = 5.0,
+    ) -> None:
+        self.broker = broker
+        self.store = store
+        self.metrics = metrics
+        self.resync_interval_s = resync_interval_s
+        self._topics: dict[int, _Topic] = {}
+        self._dirty: set[int] = set()
+        self._dirty_event = asyncio.Event()
+        self._lookups: dict[int, asyncio.Future[Task | None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.broker.start(self)
+        self._tasks = [
+            asyncio.create_task(self._refresher(), name="taskcast-refresher"),
+            asyncio.create_task(self._periodic_resync(), name="taskcast-resync"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.close()
+
+    # -- watchers -----------------------------------------------------------------------------
+
+    def watch(self, watcher: Watcher, task_id: int) -> None:
+        topic = self._topics.get(task_id)
+        if topic is None:
+            topic = self._topics[task_id] = _Topic()
+            self.broker.subscribe(task_id)
+            self._update_gauges()
+        topic.watchers.add(watcher)
+        if topic.state is not None:
+            watcher.offer(topic.state)
+
+    def unwatch(self, watcher: Watcher, task_ids: Iterable[int]) -> None:
+        for task_id in task_ids:
+            topic = self._topics.get(task_id)
+            if topic is None:
+                continue
+            topic.watchers.discard(watcher)
+            if not topic.watchers:
+                del self._topics[task_id]
+                self.broker.unsubscribe(task_id)
+        self._update_gauges()
+
+    async def lookup(self, task_id: int) -> Task | None:
+        """The newest state known: from the hub when the task is watched, else from Redis.
+
+        Concurrent lookups of one task share one read. Raises StoreUnavailable.
+        """
+        topic = self._topics.get(task_id)
+        if topic is not None and topic.state is not None:
+            return topic.state.task
+        pending = self._lookups.get(task_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(task_id))
+            self._lookups[task_id] = pending
+            pending.add_done_callback(lambda done: self._lookup_done(task_id, done))
+        return await asyncio.shield(pending)
+
+    async def _read(self, task_id: int) -> Task | None:
+        task = await self.store.get(task_id)
+        if task is not None:
+            self.accept(task)
+        return task
+
+    def _lookup_done(self, task_id: int, done: asyncio.Future[Task | None]) -> None:
+        self._lookups.pop(task_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here, so a lookup nobody awaits any more logs nothing
+
+    # -- what the broker tells us ---------------------------------------------------------
+
+    def on_message(self, task_id: int, payload: bytes) -> None:
+        self.metrics.events_received.inc()
+        try:
+            task = Task.from_json(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            # A producer that publishes garbage must not break the stream: re-read the truth.
+            self.metrics.events_malformed.inc()
+            logger.warning("malformed event on task %d (%s); re-reading its record", task_id, exc)
+            self.mark_dirty([task_id], "malformed")
+            return
+        if task.task_id != task_id:
+            self.metrics.events_malformed.inc()
+            self.mark_dirty([task_id], "malformed")
+            return
+        self.accept(task)
+
+    def on_subscribed(self, task_id: int) -> None:
+        self.mark_dirty([task_id], "subscribed")
+
+    def on_connection_lost(self) -> None:
+        self.metrics.redis_reconnects.inc()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def accept(self, task: Task) -> None:
+        topic = self._topics.get(task.task_id)
+        if topic is None:
+            return
+        if topic.state is not None and task.version <= topic.state.version:
+            return
+        state = topic.state = TaskState(task)
+        for watcher in topic.watchers:
+            watcher.offer(state)
+
+    def mark_dirty(self, task_ids: Iterable[int], reason: str) -> None:
+        before = len(self._dirty)
+        self._dirty.update(task_id for task_id in task_ids if task_id in self._topics)
+        if len(self._dirty) > before:
+            self.metrics.resyncs.labels(reason).inc(len(self._dirty) - before)
+            self._dirty_event.set()
+
+    async def _refresher(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            while self._dirty:
+                batch = [self._dirty.pop() for _ in range(min(self.REFRESH_BATCH,
+                                                               len(self._dirty)))]
+                try:
+                    found = await self.store.get_many(batch)
+                except StoreUnavailable as exc:
+                    logger.debug("resync postponed: %s", exc)
+                    self._dirty.update(batch)
+                    await asyncio.sleep(0.5)
+                    continue
+                for task_id, task in found.items():
+                    if task is not None:
+                        self.accept(task)
+                    elif task_id in self._topics:
+                        for watcher in list(self._topics[task_id].watchers):
+                            watcher.offer_missing(task_id)
+
+    async def _periodic_resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_interval_s)
+            unfinished = [
+                task_id
+                for task_id, topic in self._topics.items()
+                if topic.state is None or not topic.state.task.is_terminal
+            ]
+            self.mark_dirty(unfinished, "periodic")
+
+    def _update_gauges(self) -> None:
+        self.metrics.watched_tasks.set(len(self._topics))
+        self.metrics.subscriptions.set(self.broker.subscription_count)

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one gateway, served at `/metrics`.
+
+Each app owns its registry, so several gateways in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+
+# The `_created` samples double every counter's output and say nothing useful here.
+disable_created_metrics()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "taskcast_open_connections", "Open push connections", ["transport"], registry=r
+        )
+        self.watched_tasks = Gauge(
+            "taskcast_watched_tasks", "Tasks with at least one local watcher", registry=r
+        )
+        self.subscriptions = Gauge(
+            "taskcast_redis_subscriptions", "Task channels this process subscribes to", registry=r
+        )
+        self.events_received = Counter(
+            "taskcast_events_received", "Task events received from Redis pub/sub", registry=r
+        )
+        self.events_malformed = Counter(
+            "taskcast_events_malformed", "Pub/sub messages that were not a task object",
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "taskcast_messages_delivered", "Task states written to clients", ["transport"],
+            registry=r,
+        )
+        self.conflated = Counter(
+            "taskcast_updates_conflated",
+            "Progress states replaced by a newer one before a slow client took them", registry=r,
+        )
+        self.dropped = Counter(
+            "taskcast_updates_dropped",
+            "States not delivered because their client was disconnected as too slow", registry=r,
+        )
+        self.slow_disconnects = Counter(
+            "taskcast_slow_client_disconnects", "Clients closed because they stopped reading",
+            ["transport"], registry=r,
+        )
+        self.resyncs = Counter(
+            "taskcast_resyncs", "Task records re-read from Redis", ["reason"], registry=r
+        )
+        self.redis_reconnects = Counter(
+            "taskcast_redis_reconnects", "Pub/sub connections re-established", registry=r
+        )
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
