@@ -183,6 +183,14 @@ class Hub:
                 self.broker.unsubscribe(task_id)
         self._update_gauges()
 
+    def holds_terminal(self, watcher: Watcher, task_id: int) -> bool:
+        """Whether the watcher already has the terminal state the hub knows for the task."""
+        topic = self._topics.get(task_id)
+        state = topic.state if topic is not None else None
+        return (state is not None and state.task.is_terminal
+                and state.version <= watcher.known.get(task_id, 0) and task_id not in
+                watcher.pending)
+
     async def lookup(self, task_id: int) -> Task | None:
         """The newest state known: from the hub when the task is watched, else from Redis.
 

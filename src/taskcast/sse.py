@@ -87,21 +87,26 @@ async def _stream(hub: Hub, watcher: Watcher, task_ids: list[int], include: bool
         yield b"retry: %d\n\n" % settings.sse_retry_ms
         while unfinished and not watcher.closed:
             batch = await watcher.next_batch(settings.sse_keepalive_s)
-            if not batch and not watcher.missing:
-                if not watcher.closed:
-                    yield KEEPALIVE
-                continue
             for state in batch:
                 yield state.sse_frame(include)
                 if state.task.is_terminal:
                     unfinished.discard(state.task.task_id)
-            metrics.inc(len(batch))
-            if watcher.missing & unfinished:
+            if batch:
+                metrics.inc(len(batch))
+            # A client may already hold a terminal state (Last-Event-ID) that the hub learns
+            # only now, e.g. after Redis came back: nothing newer will come for it.
+            unfinished.difference_update(
+                task_id for task_id in list(unfinished) if hub.holds_terminal(watcher, task_id)
+            )
+            watcher.missing &= unfinished
+            if watcher.missing:
                 # The record vanished (expired, or never existed while Redis was down at
                 # connect time). End the stream: the reconnect gets the 404 that stops it.
-                yield b"event: not_found\ndata: %s\n\n" % ",".join(
-                    str(task_id) for task_id in sorted(watcher.missing)).encode()
+                names = ",".join(str(task_id) for task_id in sorted(watcher.missing))
+                yield b"event: not_found\ndata: %s\n\n" % names.encode()
                 return
+            if not batch and unfinished and not watcher.closed:
+                yield KEEPALIVE
         if not unfinished and end_id:
             yield b"event: end\nid: %s\ndata: {}\n\n" % STREAM_DONE_ID.encode()
     finally:
@@ -124,6 +129,8 @@ async def task_events(request: Request) -> Response:
             return not_found()
     except StoreUnavailable:
         task = None  # Hold the stream open: EventSource gives up for good on a non-200 answer.
+    if task is not None and last_seen > task.version:
+        last_seen = 0  # not a version this task ever had: start from the current state
     if task is not None and task.is_terminal and last_seen >= task.version:
         return Response(status_code=204)
     watcher = Watcher(hub.metrics)
