@@ -18,6 +18,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from taskcast.app import create_app
+from taskcast.server import uvicorn_config
 from taskcast.settings import Settings
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -118,7 +119,7 @@ async def run_gateway(settings: Settings, port: int | None = None) -> AsyncItera
     sock.bind(("127.0.0.1", port or 0))
     bound_port = int(sock.getsockname()[1])
     app = create_app(settings)
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
+    config = uvicorn_config(app, settings, log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

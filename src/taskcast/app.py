@@ -10,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from taskcast.broker import RedisPubSubBroker
 from taskcast.connection import connect
@@ -25,6 +25,7 @@ from taskcast.rest import get_task
 from taskcast.settings import Settings
 from taskcast.sse import many_task_events, task_events
 from taskcast.store import TaskStore
+from taskcast.ws import many_tasks_socket, one_task_socket
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/tasks/", get_task, methods=["GET"]),
         Route("/tasks/{task_id}/events", task_events, methods=["GET"]),
         Route("/events", many_task_events, methods=["GET"]),
+        WebSocketRoute("/ws", many_tasks_socket),
+        WebSocketRoute("/tasks/{task_id}/ws", one_task_socket),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),

@@ -38,10 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway")
-    _add_settings_flags(
-        serve, ["host", "port", "redis_url", "prefix", "retention_s", "log_level",
-                "redis_timeout_s"]
-    )
+    _add_settings_flags(serve, [spec.name for spec in fields(Settings)])
 
     task = commands.add_parser("task", help="create, advance or read a task (operator tool)")
     actions = task.add_subparsers(dest="action", required=True)
@@ -84,16 +81,11 @@ def _serve(settings: Settings) -> int:
     import uvicorn
 
     from taskcast.app import create_app
+    from taskcast.server import uvicorn_config
 
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        lifespan="on",
-    )
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
     return 0
 
 

@@ -42,11 +42,12 @@ logger = logging.getLogger(__name__)
 class TaskState:
     """One version of a task with its encodings, built lazily and shared by all watchers."""
 
-    __slots__ = ("task", "_frames")
+    __slots__ = ("task", "_frames", "_ws_frames")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         self._frames: dict[tuple[str, bool], bytes] = {}
+        self._ws_frames: dict[tuple[str, bool], str] = {}
 
     @property
     def version(self) -> int:
@@ -61,13 +62,14 @@ class TaskState:
             self._frames[key] = frame
         return frame
 
-    def ws_frame(self, include_image_base64: bool) -> bytes:
+    def ws_frame(self, include_image_base64: bool) -> str:
+        """ASGI takes WebSocket text frames as str, so this encoding is cached as str."""
         key = ("ws", include_image_base64)
-        frame = self._frames.get(key)
+        frame = self._ws_frames.get(key)
         if frame is None:
             data = self.task.to_json(include_image_base64=include_image_base64)
-            frame = b'{"type":"task","data":%s}' % data
-            self._frames[key] = frame
+            frame = '{"type":"task","data":' + data.decode() + '}'
+            self._ws_frames[key] = frame
         return frame
 
 
@@ -97,6 +99,15 @@ class Watcher:
 
     def offer_missing(self, task_id: int) -> None:
         self.missing.add(task_id)
+        self._wake.set()
+
+    def forget(self, task_id: int) -> None:
+        self.pending.pop(task_id, None)
+        self.known.pop(task_id, None)
+        self.missing.discard(task_id)
+
+    def poke(self) -> None:
+        """Wake the sender for something other than a task state (a control frame)."""
         self._wake.set()
 
     def close(self, reason: str) -> None:

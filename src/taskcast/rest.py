@@ -3,7 +3,7 @@ an opt-out of `image_base64` so pollers do not re-download a multi-megabyte imag
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from taskcast.errors import InvalidParameter
@@ -20,7 +20,7 @@ def etag_for(version: int, include_image_base64: bool) -> str:
     return f'"{version}"' if include_image_base64 else f'"{version}-no-image-base64"'
 
 
-def image_base64_flag(request: Request) -> bool:
+def image_base64_flag(request: HTTPConnection) -> bool:
     """`?image_base64=false` leaves the field empty; anything but a boolean is a 422."""
     raw = request.query_params.get("image_base64")
     if raw is None or raw.lower() in _TRUE:

@@ -51,6 +51,32 @@ class Settings:
         default=1000, metadata={"help": "task ids one /events stream may watch"}
     )
 
+    ws_max_frame_bytes: int = field(
+        default=65_536, metadata={"help": "largest client WebSocket frame (bigger: close 1009)"}
+    )
+    ws_max_subscriptions: int = field(
+        default=1000, metadata={"help": "tasks one WebSocket may watch (more: close 4413)"}
+    )
+    ws_ops_per_s: float = field(
+        default=20.0, metadata={"help": "sustained client ops per second per WebSocket"}
+    )
+    ws_ops_burst: int = field(
+        default=100, metadata={"help": "client ops allowed in a burst (beyond: close 4429)"}
+    )
+    ws_ping_interval_s: float = field(
+        default=20.0, metadata={"help": "seconds between protocol pings to WebSocket clients"}
+    )
+    ws_ping_timeout_s: float = field(
+        default=20.0, metadata={"help": "a client that does not answer a ping this long is closed"}
+    )
+    allowed_origins: str = field(
+        default="", metadata={"help": "comma-separated Origins allowed to open WebSockets "
+                              "('*' = any; empty = same host only)"}
+    )
+    graceful_shutdown_s: int = field(
+        default=5, metadata={"help": "seconds open connections get to end on shutdown"}
+    )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then `TASKCAST_<FIELD>` variables, then explicit overrides (CLI flags)."""
