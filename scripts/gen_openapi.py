@@ -92,6 +92,32 @@ EXTRA_PATHS: dict[str, Any] = {
             },
         }
     },
+    "/ws": {
+        "get": {
+            "summary": "WebSocket: many tasks on one socket (upgrade)",
+            "description": (
+                "Client frames (JSON text): `{\"op\":\"subscribe\",\"task_ids\":[1,2]}`, "
+                "`{\"op\":\"unsubscribe\",\"task_ids\":[1]}`, `{\"op\":\"ping\"}`. Server "
+                "frames: `task` (with `data`), `subscribed`, `unsubscribed`, `pong`, `error` "
+                "(`code` 400 bad frame, 404 unknown tasks, 405 unknown op, 422 bad ids). Close "
+                "codes: 1008 Origin refused (HTTP 403 before the upgrade), 1009 frame too big, "
+                "1012 server restart, 1013 too slow, 4413 too many subscriptions, 4429 rate "
+                "limited, 4422 bad image_base64 flag."),
+            "parameters": [IMAGE_FLAG],
+            "responses": {"101": {"description": "switching protocols"},
+                          "403": {"description": "Origin not allowed"}},
+        }
+    },
+    "/tasks/{task_id}/ws": {
+        "get": {
+            "summary": "WebSocket: one task's states (upgrade)",
+            "description": ("Task frames only; close 1000 after the terminal state, 4404 for an "
+                            "unknown task, 4422 for a malformed id."),
+            "parameters": [TASK_ID, IMAGE_FLAG],
+            "responses": {"101": {"description": "switching protocols"},
+                          "403": {"description": "Origin not allowed"}},
+        }
+    },
     "/metrics": {
         "get": {
             "summary": "Prometheus metrics",
