@@ -52,12 +52,15 @@ async def get_task(request: Request) -> Response:
         return validation_error([exc.detail])
 
     if_none_match = request.headers.get("if-none-match")
+    task = None
     if if_none_match:
-        version = await store.version(task_id)
-        if version is not None and _matches(if_none_match, etag_for(version, include)):
-            return Response(status_code=304, headers=_cache_headers(version, include))
-
-    task = await store.get(task_id, include_image_base64=include)
+        # Validate the whole record (minus the image) before promising "not modified":
+        # a corrupt record must be a 500 on every path.
+        task = await store.get(task_id, include_image_base64=False)
+        if task is not None and _matches(if_none_match, etag_for(task.version, include)):
+            return Response(status_code=304, headers=_cache_headers(task.version, include))
+    if task is None or include:
+        task = await store.get(task_id, include_image_base64=include)
     if task is None:
         return not_found()
     return Response(

@@ -52,19 +52,6 @@ class TaskStore:
                 logger.error("%s", exc)
         return tasks
 
-    async def version(self, task_id: int) -> int | None:
-        """Only the version: cheap enough to answer `If-None-Match` without the image."""
-        try:
-            raw = await self.redis.hget(self.keys.record(task_id), "version")
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
-        if raw is None:
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            return None
-
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
