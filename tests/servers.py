@@ -135,3 +135,44 @@ async def run_gateway(settings: Settings, port: int | None = None) -> AsyncItera
         async with asyncio.timeout(15):
             await task
         sock.close()
+
+
+class RedisClusterNodes:
+    """A real Redis Cluster of three primaries (no replicas) on free ports."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.nodes = [
+            RedisServer(workdir / f"node{index}", extra_args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+            ])
+            for index in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in node.cli("CLUSTER", "INFO", check=False)
+                   for node in self.nodes):
+                return
+            time.sleep(0.1)
+        raise TimeoutError("cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

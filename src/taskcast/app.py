@@ -12,8 +12,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from taskcast.broker import RedisPubSubBroker
-from taskcast.connection import connect
+from taskcast.broker import Broker, RedisPubSubBroker
+from taskcast.broker_cluster import ShardedPubSubBroker
+from taskcast.connection import connect, is_cluster_url
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.health import healthz, readyz
 from taskcast.hub import Hub
@@ -39,7 +40,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         keys = TaskKeys(settings.prefix)
         store = TaskStore(redis, keys)
         metrics = Metrics()
-        broker = RedisPubSubBroker(redis, keys, ping_deadline_s=settings.redis_ping_deadline_s)
+        broker: Broker
+        if is_cluster_url(settings.redis_url):
+            broker = ShardedPubSubBroker(redis, keys,  # type: ignore[arg-type]
+                                         ping_deadline_s=settings.redis_ping_deadline_s,
+                                         node_timeout_s=settings.redis_timeout_s)
+        else:
+            broker = RedisPubSubBroker(redis, keys, ping_deadline_s=settings.redis_ping_deadline_s)
         hub = Hub(broker, store, metrics, resync_interval_s=settings.resync_interval_s)
         app.state.settings = settings
         app.state.store = store

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -64,11 +65,13 @@ class Backoff:
 
 
 class RedisPubSubBroker:
-    """Classic pub/sub on one dedicated connection.
+    """Pub/sub on one dedicated connection: classic, or sharded (one cluster node's shard).
 
-    One writer coroutine sends every SUBSCRIBE/UNSUBSCRIBE/PING (batched, never concurrent),
-    one reader drains the connection, and the writer doubles as a watchdog: when nothing,
-    not even a PONG, arrives for `ping_deadline_s`, the connection is declared hung and rebuilt.
+    One writer coroutine sends every (S)SUBSCRIBE/(S)UNSUBSCRIBE/PING (batched, never
+    concurrent), one reader drains the connection, and the writer doubles as a watchdog: when
+    nothing, not even a PONG, arrives for `ping_deadline_s`, the connection is declared hung and
+    rebuilt. After every rebuild all channels are subscribed again, and each confirmation tells
+    the listener to re-read that task's record.
     """
 
     SUBSCRIBE_CHUNK = 1000
@@ -81,15 +84,21 @@ class RedisPubSubBroker:
         ping_interval_s: float = 1.0,
         ping_deadline_s: float = 5.0,
         backoff_cap_s: float = 5.0,
+        sharded: bool = False,
+        control_channel: str | None = None,
+        on_channel_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.ping_interval_s = ping_interval_s
         self.ping_deadline_s = ping_deadline_s
         self._backoff = Backoff(cap=backoff_cap_s)
+        self.sharded = sharded
+        self._on_channel_lost = on_channel_lost
         # A control channel keeps the connection subscribed (redis-py's listen() returns when
         # nothing is subscribed) and gives PINGs something to ride on when no task is watched.
-        self._control = f"{keys.prefix}:gateway:control"
+        # A sharded connection needs one whose slot lives on its node.
+        self._control = control_channel or f"{keys.prefix}:gateway:control"
         self._desired: set[str] = set()
         self._to_subscribe: set[str] = set()
         self._to_unsubscribe: set[str] = set()
@@ -102,6 +111,10 @@ class RedisPubSubBroker:
     def subscription_count(self) -> int:
         return len(self._desired)
 
+    @property
+    def channels(self) -> set[str]:
+        return self._desired
+
     def start(self, listener: BrokerListener) -> None:
         self._listener = listener
         self._runner = asyncio.create_task(self._run(), name="taskcast-broker")
@@ -113,14 +126,18 @@ class RedisPubSubBroker:
                 await self._runner
 
     def subscribe(self, task_id: int) -> None:
-        channel = self.keys.channel(task_id)
+        self.add_channel(self.keys.channel(task_id))
+
+    def unsubscribe(self, task_id: int) -> None:
+        self.remove_channel(self.keys.channel(task_id))
+
+    def add_channel(self, channel: str) -> None:
         self._desired.add(channel)
         self._to_unsubscribe.discard(channel)
         self._to_subscribe.add(channel)
         self._wake.set()
 
-    def unsubscribe(self, task_id: int) -> None:
-        channel = self.keys.channel(task_id)
+    def remove_channel(self, channel: str) -> None:
         self._desired.discard(channel)
         self._to_subscribe.discard(channel)
         self._to_unsubscribe.add(channel)
@@ -149,7 +166,7 @@ class RedisPubSubBroker:
         self._last_seen = time.monotonic()
         async with asyncio.timeout(self.ping_deadline_s):
             for start in range(0, len(channels), self.SUBSCRIBE_CHUNK):
-                await pubsub.subscribe(*channels[start : start + self.SUBSCRIBE_CHUNK])
+                await self._subscribe(pubsub, channels[start : start + self.SUBSCRIBE_CHUNK])
         reader = asyncio.create_task(self._read(pubsub))
         writer = asyncio.create_task(self._write(pubsub))
         try:
@@ -168,11 +185,16 @@ class RedisPubSubBroker:
         async for message in pubsub.listen():
             self._last_seen = time.monotonic()
             kind = message["type"]
-            if kind == "message":
+            if kind in ("message", "smessage"):
                 task_id = self.keys.task_id_of_channel(_text(message["channel"]))
                 if task_id is not None:
                     listener.on_message(task_id, message["data"])
-            elif kind == "subscribe":
+            elif kind == "sunsubscribe":
+                # Unasked for, this means the slot moved to another node (Redis >= 7).
+                channel = _text(message["channel"])
+                if channel in self._desired and self._on_channel_lost is not None:
+                    self._on_channel_lost(channel)
+            elif kind in ("subscribe", "ssubscribe"):
                 channel = _text(message["channel"])
                 task_id = self.keys.task_id_of_channel(channel)
                 if task_id is not None:
@@ -194,14 +216,26 @@ class RedisPubSubBroker:
                 raise HungConnection(f"no reply from Redis for {now - self._last_seen:.1f} s")
             if self._to_unsubscribe:
                 channels, self._to_unsubscribe = list(self._to_unsubscribe), set()
-                await pubsub.unsubscribe(*channels)
+                if self.sharded:
+                    for channel in channels:  # the channels of one command must share a slot
+                        await pubsub.sunsubscribe(channel)
+                else:
+                    await pubsub.unsubscribe(*channels)
             while self._to_subscribe:
                 batch = list(self._to_subscribe)[: self.SUBSCRIBE_CHUNK]
                 self._to_subscribe.difference_update(batch)
-                await pubsub.subscribe(*batch)
+                await self._subscribe(pubsub, batch)
             if now - last_ping >= self.ping_interval_s:
                 last_ping = now
                 await pubsub.ping()
+
+
+    async def _subscribe(self, pubsub: Any, channels: list[str]) -> None:
+        if self.sharded:
+            for channel in channels:  # the channels of one command must share a slot
+                await pubsub.ssubscribe(channel)
+        else:
+            await pubsub.subscribe(*channels)
 
 
 def _text(value: bytes | str) -> str:

@@ -14,12 +14,22 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 MEMORY_SCHEME = "memory://"
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 _memory_servers: dict[str, Any] = {}
 
 
 def is_memory_url(url: str) -> bool:
     return url.startswith(MEMORY_SCHEME)
+
+
+def is_cluster_url(url: str) -> bool:
+    """`redis+cluster://host:port` (any node of the cluster) selects Redis Cluster mode."""
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def _plain_url(url: str) -> str:
+    return url.replace("+cluster://", "://", 1)
 
 
 def _memory_server(url: str) -> Any:
@@ -41,6 +51,16 @@ def connect(url: str, *, timeout: float = 2.0, max_connections: int = 200) -> ai
             server=_memory_server(url), decode_responses=False
         )
         return client
+    if is_cluster_url(url):
+        from redis.asyncio.cluster import RedisCluster
+
+        cluster: aioredis.Redis = RedisCluster.from_url(  # type: ignore[assignment]
+            _plain_url(url),
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=max_connections,
+        )
+        return cluster
     return aioredis.Redis.from_url(
         url,
         socket_timeout=timeout,
@@ -59,4 +79,9 @@ def connect_sync(url: str, *, timeout: float = 5.0) -> Any:
         return fakeredis.FakeRedis(server=_memory_server(url))
     import redis
 
+    if is_cluster_url(url):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(_plain_url(url), socket_timeout=timeout,
+                                     socket_connect_timeout=timeout)
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)

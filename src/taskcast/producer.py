@@ -18,7 +18,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from taskcast.connection import connect, connect_sync
+from taskcast.connection import connect, connect_sync, is_cluster_url
 from taskcast.errors import StoreUnavailable, TaskNotFound
 from taskcast.keys import DEFAULT_PREFIX, TaskKeys
 from taskcast.models import RECORD_FIELDS, Task, TaskStatus
@@ -75,6 +75,8 @@ class Producer:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Producer:
+        """A `redis+cluster://` URL publishes with SPUBLISH (sharded) unless told otherwise."""
+        options.setdefault("sharded", is_cluster_url(url))
         return cls(connect(url), **options)
 
     async def close(self) -> None:
@@ -138,6 +140,7 @@ class SyncProducer:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SyncProducer:
+        options.setdefault("sharded", is_cluster_url(url))
         return cls(connect_sync(url), **options)
 
     def close(self) -> None:
