@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -82,13 +83,24 @@ def _serve(settings: Settings) -> int:
     import uvicorn
 
     from taskcast.app import create_app
-    from taskcast.server import uvicorn_config
+    from taskcast.connection import is_memory_url
+    from taskcast.server import uvicorn_config, uvicorn_options
 
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvicorn drains connections on SIGTERM, then re-raises the signal with the handler found
     # at start-up; this one turns that into exit status 0, as a clean shutdown should be.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    if settings.workers > 1:
+        if is_memory_url(settings.redis_url):
+            print("taskcast: --workers needs a shared Redis; memory:// lives in one process",
+                  file=sys.stderr)
+            return 2
+        # Each worker process imports the app factory, which reads the settings back from here.
+        os.environ.update(settings.to_env())
+        uvicorn.run("taskcast.app:create_app", factory=True, workers=settings.workers,
+                    **uvicorn_options(settings))  # type: ignore[arg-type]
+        return 0
     uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
     return 0
 

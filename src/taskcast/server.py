@@ -9,7 +9,13 @@ from taskcast.settings import Settings
 
 
 def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: object) -> uvicorn.Config:
-    options: dict[str, object] = {
+    options = uvicorn_options(settings)
+    options.update(overrides)
+    return uvicorn.Config(app, **options)  # type: ignore[arg-type]
+
+
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
@@ -25,5 +31,3 @@ def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: object) -> uvi
         "timeout_graceful_shutdown": settings.graceful_shutdown_s,
         "backlog": 4096,
     }
-    options.update(overrides)
-    return uvicorn.Config(app, **options)  # type: ignore[arg-type]

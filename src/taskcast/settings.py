@@ -27,6 +27,9 @@ class Settings:
     retention_s: int = field(
         default=86_400, metadata={"help": "seconds a finished task is kept (0 = forever)"}
     )
+    workers: int = field(
+        default=1, metadata={"help": "gateway processes sharing the port (needs a Redis URL)"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
     redis_timeout_s: float = field(
         default=2.0, metadata={"help": "Redis connect/read timeout for requests, in seconds"}
@@ -88,6 +91,11 @@ class Settings:
                 values[spec.name] = _convert(spec.name, raw, spec.type)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as TASKCAST_* variables, for worker processes that rebuild them."""
+        return {ENV_PREFIX + spec.name.upper(): str(getattr(self, spec.name))
+                for spec in fields(self)}
 
     def with_changes(self, **changes: Any) -> Settings:
         return replace(self, **changes)
