@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
@@ -15,23 +17,27 @@ from starlette.routing import Route, WebSocketRoute
 from taskcast.broker import Broker, RedisPubSubBroker
 from taskcast.broker_cluster import ShardedPubSubBroker
 from taskcast.connection import connect, is_cluster_url
+from taskcast.demo import SimulatedWorker, demo_routes
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.health import healthz, readyz
 from taskcast.hub import Hub
 from taskcast.keys import TaskKeys
 from taskcast.metrics import Metrics, metrics_endpoint
 from taskcast.openapi import openapi_json
+from taskcast.producer import Producer
 from taskcast.responses import envelope, internal_error
 from taskcast.rest import get_task
 from taskcast.settings import Settings
 from taskcast.sse import many_task_events, task_events
+from taskcast.static import browser_client
 from taskcast.store import TaskStore
 from taskcast.ws import many_tasks_socket, one_task_socket
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starlette:
+    """The gateway; `demo` adds the demo page and a simulated worker (`taskcast demo`)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -53,11 +59,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.metrics = metrics
         app.state.hub = hub
         hub.start()
+        worker = None
+        if demo:
+            producer = Producer(redis, prefix=settings.prefix, retention_s=settings.retention_s,
+                                sharded=is_cluster_url(settings.redis_url))
+            worker = app.state.demo_worker = SimulatedWorker(producer, settings.demo_step_s)
         logger.info("taskcast serving tasks from %s (prefix %r)", _safe_url(settings.redis_url),
                     settings.prefix)
         try:
             yield
         finally:
+            if worker is not None:
+                await worker.close()
             await hub.close()
             await redis.aclose()
 
@@ -73,9 +86,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/taskcast.js", browser_client, methods=["GET"]),
     ]
+    if demo:
+        routes = demo_routes() + routes
+    middleware = []
+    if settings.cors_origins:
+        origins = [item.strip() for item in settings.cors_origins.split(",") if item.strip()]
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET"],
+            allow_headers=["Last-Event-ID", "If-None-Match", "Cache-Control"],
+            expose_headers=["ETag"], max_age=600,
+        ))
     return Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gateway")
     _add_settings_flags(serve, [spec.name for spec in fields(Settings)])
 
+    demo = commands.add_parser(
+        "demo", help="the gateway plus a simulated worker and a web page with progress bars "
+        "(embedded store unless --redis-url is given)")
+    _add_settings_flags(demo, [spec.name for spec in fields(Settings) if spec.name != "workers"])
+
     task = commands.add_parser("task", help="create, advance or read a task (operator tool)")
     actions = task.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a submitted task; prints it as JSON")
@@ -76,10 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(settings)
+    if args.command == "demo":
+        if args.redis_url is None and "TASKCAST_REDIS_URL" not in os.environ:
+            settings = settings.with_changes(redis_url="memory://")
+        return _serve(settings, demo=True)
     return _task_command(args, settings)
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, demo: bool = False) -> int:
     import uvicorn
 
     from taskcast.app import create_app
@@ -101,7 +110,10 @@ def _serve(settings: Settings) -> int:
         uvicorn.run("taskcast.app:create_app", factory=True, workers=settings.workers,
                     **uvicorn_options(settings))  # type: ignore[arg-type]
         return 0
-    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
+    if demo:
+        print(f"taskcast demo: open http://{settings.host}:{settings.port}/ "
+              f"(store: {settings.redis_url})", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn_config(create_app(settings, demo=demo), settings)).run()
     return 0
 
 

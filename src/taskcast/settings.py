@@ -76,6 +76,13 @@ class Settings:
         default="", metadata={"help": "comma-separated Origins allowed to open WebSockets "
                               "('*' = any; empty = same host only)"}
     )
+    cors_origins: str = field(
+        default="", metadata={"help": "comma-separated Origins allowed by CORS ('*' = any; "
+                              "empty = CORS off)"}
+    )
+    demo_step_s: float = field(
+        default=0.4, metadata={"help": "taskcast demo: seconds between simulated progress steps"}
+    )
     graceful_shutdown_s: int = field(
         default=5, metadata={"help": "seconds open connections get to end on shutdown"}
     )

@@ -1,0 +1,148 @@
+"""`taskcast demo`: the gateway plus a simulated image-generation worker in one process.
+
+The worker drives tasks through the same producer library and Lua script as a real one, and
+renders a real small PNG per task, delivered both as `image_base64` and as an `image_url` that
+the gateway serves from the record. Only the demo mounts these routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import random
+import struct
+import zlib
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from taskcast.errors import InvalidParameter, TaskcastError
+from taskcast.ids import parse_task_id
+from taskcast.producer import Producer
+from taskcast.responses import JSONBody, envelope, not_found, validation_error
+from taskcast.static import static_file
+from taskcast.store import TaskStore
+
+logger = logging.getLogger(__name__)
+
+MAX_TASKS_PER_REQUEST = 20
+SIMULATED_FAILURE = "simulated failure: the GPU ran out of memory"
+
+
+def render_png(seed: int, size: int = 96) -> bytes:
+    """A small gradient PNG whose colours depend on `seed`, built with zlib alone."""
+    rng = random.Random(seed)
+    top = [rng.randrange(40, 256) for _ in range(3)]
+    bottom = [rng.randrange(0, 200) for _ in range(3)]
+    rows = bytearray()
+    for y in range(size):
+        t = y / (size - 1)
+        colour = bytes(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True))
+        rows += b"\x00" + colour * size
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(rows), 9)) + chunk(b"IEND", b""))
+
+
+class SimulatedWorker:
+    """Runs each task like a generation job: submitted, progress in steps, then an image."""
+
+    def __init__(self, producer: Producer, step_s: float = 0.4) -> None:
+        self.producer = producer
+        self.step_s = step_s
+        self._jobs: set[asyncio.Task[None]] = set()
+
+    async def start_tasks(self, count: int, type: str, angle: str, fail: bool) -> list[int]:
+        ids = []
+        for _ in range(count):
+            task = await self.producer.create(type=type, angle=angle)
+            ids.append(task.task_id)
+            job = asyncio.create_task(self._run(task.task_id, fail))
+            self._jobs.add(job)
+            job.add_done_callback(self._jobs.discard)
+        return ids
+
+    async def _run(self, task_id: int, fail: bool) -> None:
+        rng = random.Random(task_id)
+        try:
+            await asyncio.sleep(self.step_s)
+            progress = 0
+            while progress < 90:
+                progress = min(90, progress + rng.randrange(8, 25))
+                await self.producer.progress(task_id, progress)
+                if fail and progress >= 50:
+                    await self.producer.fail(task_id, SIMULATED_FAILURE)
+                    return
+                await asyncio.sleep(self.step_s * rng.uniform(0.5, 1.5))
+            await self.producer.complete(
+                task_id, image_base64=render_png(task_id), image_url=f"/demo/images/{task_id}.png"
+            )
+        except TaskcastError as exc:  # e.g. Redis went away mid-job: the demo worker gives up
+            logger.warning("demo task %d stopped: %s", task_id, exc)
+
+    async def close(self) -> None:
+        for job in list(self._jobs):
+            job.cancel()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
+
+
+async def start_tasks(request: Request) -> Response:
+    worker: SimulatedWorker = request.app.state.demo_worker
+    try:
+        body: Any = orjson.loads(await request.body() or b"{}")
+    except orjson.JSONDecodeError:
+        return envelope(400, "body must be JSON")
+    if not isinstance(body, dict):
+        return envelope(400, "body must be a JSON object")
+    count, fail = body.get("count", 1), body.get("fail", False)
+    type_, angle = body.get("type", ""), body.get("angle", "")
+    if (isinstance(count, bool) or not isinstance(count, int)
+            or not 1 <= count <= MAX_TASKS_PER_REQUEST):
+        return validation_error([{"type": "int_range", "loc": ["body", "count"],
+                                  "msg": f"count must be 1..{MAX_TASKS_PER_REQUEST}",
+                                  "input": count}])
+    if not isinstance(type_, str) or not isinstance(angle, str) or not isinstance(fail, bool):
+        return validation_error([{"type": "type_error", "loc": ["body"],
+                                  "msg": "type and angle must be strings, fail a boolean",
+                                  "input": body}])
+    ids = await worker.start_tasks(count, type_[:64], angle[:64], fail)
+    return JSONBody({"code": 201, "msg": "created", "data": {"task_ids": ids}}, status_code=201)
+
+
+async def task_image(request: Request) -> Response:
+    """The PNG of a completed task, decoded from its record's image_base64."""
+    store: TaskStore = request.app.state.store
+    try:
+        task_id = parse_task_id(request.path_params["task_id"])
+    except InvalidParameter as exc:
+        return validation_error([exc.detail])
+    task = await store.get(task_id)
+    if task is None or not task.image_base64:
+        return not_found("image not found")
+    try:
+        png = base64.b64decode(task.image_base64, validate=True)
+    except (binascii.Error, ValueError):
+        return not_found("image not found")
+    return Response(png, media_type="image/png",
+                    headers={"Cache-Control": "public, max-age=86400, immutable"})
+
+
+async def demo_page(request: Request) -> Response:
+    return static_file("demo.html", "text/html; charset=utf-8")
+
+
+def demo_routes() -> list[BaseRoute]:
+    return [
+        Route("/", demo_page, methods=["GET"]),
+        Route("/demo/tasks", start_tasks, methods=["POST"]),
+        Route("/demo/images/{task_id}.png", task_image, methods=["GET"]),
+    ]
