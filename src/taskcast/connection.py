@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
 MEMORY_SCHEME = "memory://"
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")

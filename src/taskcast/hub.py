@@ -76,21 +76,36 @@ class TaskState:
 class Watcher:
     """One client's view: the newest undelivered state per task, and a wake-up event."""
 
-    __slots__ = ("pending", "known", "missing", "closed", "close_reason", "_wake", "_metrics")
+    __slots__ = ("pending", "known", "claimed", "missing", "closed", "close_reason", "_wake",
+                 "_metrics")
 
     def __init__(self, metrics: Metrics) -> None:
         self.pending: dict[int, TaskState] = {}
         self.known: dict[int, int] = {}
+        # Versions the client says it has (Last-Event-ID) that no state has confirmed yet.
+        self.claimed: set[int] = set()
         self.missing: set[int] = set()
         self.closed = False
         self.close_reason = ""
         self._wake = asyncio.Event()
         self._metrics = metrics
 
+    def claim(self, task_id: int, version: int) -> None:
+        """The client already holds `version` (e.g. from Last-Event-ID): start after it."""
+        self.known[task_id] = version
+        self.claimed.add(task_id)
+
     def offer(self, state: TaskState) -> None:
         task_id = state.task.task_id
-        if state.version <= self.known.get(task_id, 0):
-            return
+        known = self.known.get(task_id, 0)
+        if state.version <= known:
+            impossible = (task_id in self.claimed and state.task.is_terminal
+                          and state.version < known)
+            if not impossible:
+                return
+            # The claimed version is above the end of a finished task: the client cannot
+            # have it, so it gets the real terminal state instead of silence.
+        self.claimed.discard(task_id)
         self.known[task_id] = state.version
         if task_id in self.pending:
             self._metrics.conflated.inc()
@@ -104,6 +119,7 @@ class Watcher:
     def forget(self, task_id: int) -> None:
         self.pending.pop(task_id, None)
         self.known.pop(task_id, None)
+        self.claimed.discard(task_id)
         self.missing.discard(task_id)
 
     def poke(self) -> None:

@@ -135,7 +135,7 @@ async def task_events(request: Request) -> Response:
         return Response(status_code=204)
     watcher = Watcher(hub.metrics)
     if last_seen:
-        watcher.known[task_id] = last_seen
+        watcher.claim(task_id, last_seen)
     return TaskEventStream(_stream(hub, watcher, [task_id], include, settings, False),
                            watcher, hub, settings)
 
