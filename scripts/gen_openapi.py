@@ -118,6 +118,15 @@ EXTRA_PATHS: dict[str, Any] = {
                           "403": {"description": "Origin not allowed"}},
         }
     },
+    "/taskcast.js": {
+        "get": {
+            "summary": "The browser client: a dependency-free ES module",
+            "description": "`watch(taskIds, onUpdate, options)` over SSE, falling back to "
+                           "WebSocket and to REST polling with ETag.",
+            "responses": {"200": {"description": "JavaScript module",
+                                  "content": {"text/javascript": {}}}},
+        }
+    },
     "/metrics": {
         "get": {
             "summary": "Prometheus metrics",

@@ -118,12 +118,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> Response:
-    logger.warning("%s %s: %s", request.method, request.url.path, exc)
+    logger.warning("%s %s: %s", request.scope.get("method", "WS"), request.url.path, exc)
     return internal_error()
 
 
 async def _corrupt_record(request: Request, exc: Exception) -> Response:
-    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    logger.error("%s %s: %s", request.scope.get("method", "WS"), request.url.path, exc)
     return internal_error()
 
 

@@ -107,7 +107,7 @@ def _serve(settings: Settings, demo: bool = False) -> int:
             return 2
         # Each worker process imports the app factory, which reads the settings back from here.
         os.environ.update(settings.to_env())
-        uvicorn.run("taskcast.app:create_app", factory=True, workers=settings.workers,
+        uvicorn.run("taskcast.server:create_served_app", factory=True, workers=settings.workers,
                     **uvicorn_options(settings))  # type: ignore[arg-type]
         return 0
     if demo:

@@ -18,6 +18,7 @@ Error frames (`{"type": "error", "code": ..., "msg": ...}`; the connection stays
     404 NOT_FOUND   subscribe to unknown tasks (listed in `task_ids`); the others subscribe
     405 UNKNOWN_OP  `op` is not subscribe, unsubscribe or ping
     422 INVALID     `task_ids` missing, empty, or not non-negative int64s (pydantic-style `detail`)
+    500 INTERNAL    subscribe to tasks whose record breaks the contract (listed in `task_ids`)
 """
 
 from __future__ import annotations
@@ -43,3 +44,4 @@ class ErrorCode(IntEnum):
     NOT_FOUND = 404
     UNKNOWN_OP = 405
     INVALID = 422
+    INTERNAL = 500

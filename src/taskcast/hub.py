@@ -76,14 +76,15 @@ class TaskState:
 class Watcher:
     """One client's view: the newest undelivered state per task, and a wake-up event."""
 
-    __slots__ = ("pending", "known", "claimed", "missing", "closed", "close_reason", "_wake",
-                 "_metrics")
+    __slots__ = ("pending", "known", "claimed", "ended", "missing", "closed", "close_reason",
+                 "_wake", "_metrics")
 
     def __init__(self, metrics: Metrics) -> None:
         self.pending: dict[int, TaskState] = {}
         self.known: dict[int, int] = {}
         # Versions the client says it has (Last-Event-ID) that no state has confirmed yet.
         self.claimed: set[int] = set()
+        self.ended: set[int] = set()  # tasks whose terminal state this watcher was given
         self.missing: set[int] = set()
         self.closed = False
         self.close_reason = ""
@@ -99,14 +100,17 @@ class Watcher:
         task_id = state.task.task_id
         known = self.known.get(task_id, 0)
         if state.version <= known:
-            impossible = (task_id in self.claimed and state.task.is_terminal
-                          and state.version < known)
-            if not impossible:
+            if not state.task.is_terminal or task_id in self.ended:
                 return
-            # The claimed version is above the end of a finished task: the client cannot
-            # have it, so it gets the real terminal state instead of silence.
+            if task_id in self.claimed and state.version == known:
+                return  # the client says it holds exactly this end (Last-Event-ID)
+            # A terminal state at or below the version known: the client claimed a version the
+            # task never reached, or Redis lost its data and the task was re-created, restarting
+            # its versions. Either way the end must still arrive.
         self.claimed.discard(task_id)
         self.known[task_id] = state.version
+        if state.task.is_terminal:
+            self.ended.add(task_id)
         if task_id in self.pending:
             self._metrics.conflated.inc()
         self.pending[task_id] = state
@@ -120,6 +124,7 @@ class Watcher:
         self.pending.pop(task_id, None)
         self.known.pop(task_id, None)
         self.claimed.discard(task_id)
+        self.ended.discard(task_id)
         self.missing.discard(task_id)
 
     def poke(self) -> None:
@@ -189,13 +194,17 @@ class Hub:
 
     # -- watchers -----------------------------------------------------------------------------
 
-    def watch(self, watcher: Watcher, task_id: int) -> None:
+    def watch(self, watcher: Watcher, task_id: int, current: Task | None = None) -> None:
+        """Follow a task. `current` is a state the caller just read (e.g. from lookup): it is
+        offered at once instead of after the subscription's confirmation and re-read."""
         topic = self._topics.get(task_id)
         if topic is None:
             topic = self._topics[task_id] = _Topic()
             self.broker.subscribe(task_id)
             self._update_gauges()
         topic.watchers.add(watcher)
+        if current is not None:
+            self.accept(current)
         if topic.state is not None:
             watcher.offer(topic.state)
 
@@ -274,8 +283,12 @@ class Hub:
         topic = self._topics.get(task.task_id)
         if topic is None:
             return
-        if topic.state is not None and task.version <= topic.state.version:
-            return
+        current = topic.state
+        if current is not None and task.version <= current.version:
+            # Versions only restart when Redis lost the record and it was re-created; then a
+            # terminal state must not be held back behind the lost, higher-numbered progress.
+            if not (task.is_terminal and not current.task.is_terminal):
+                return
         state = topic.state = TaskState(task)
         for watcher in topic.watchers:
             watcher.offer(state)

@@ -2,16 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskcast.settings import Settings
 
+ABORT_KEY = "taskcast.abort"
 
-def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: object) -> uvicorn.Config:
+
+class AbortableConnections:
+    """Outermost ASGI layer: puts a way to abort the TCP connection into each scope.
+
+    ASGI has no "abort": a response can only be closed politely, and with uvicorn that waits
+    until the client has read everything already buffered, which a client that stopped reading
+    never does. uvicorn's own `send` is a method of an object holding the transport; read
+    here, before any middleware wraps `send`, it gives transport.abort(). Under another
+    server the key is simply absent and slow clients are closed the polite way.
+    """
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        abort = getattr(transport, "abort", None)
+        if abort is not None and scope["type"] in ("http", "websocket"):
+            scope[ABORT_KEY] = abort
+        await self.app(scope, receive, send)
+
+
+def abort_connection(scope: MutableMapping[str, Any]) -> bool:
+    abort: Callable[[], None] | None = scope.get(ABORT_KEY)
+    if abort is None:
+        return False
+    abort()
+    return True
+
+
+def create_served_app() -> AbortableConnections:
+    """The factory uvicorn's worker processes import (`--workers`): settings from TASKCAST_*."""
+    from taskcast.app import create_app
+
+    return AbortableConnections(create_app())
+
+
+def uvicorn_config(app: Starlette, settings: Settings, **overrides: object) -> uvicorn.Config:
     options = uvicorn_options(settings)
     options.update(overrides)
-    return uvicorn.Config(app, **options)  # type: ignore[arg-type]
+    served: ASGIApp = AbortableConnections(app)
+    return uvicorn.Config(served, **options)  # type: ignore[arg-type]
 
 
 def uvicorn_options(settings: Settings) -> dict[str, object]:

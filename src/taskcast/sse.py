@@ -20,8 +20,10 @@ from starlette.types import Receive, Scope, Send
 from taskcast.errors import InvalidParameter, StoreUnavailable
 from taskcast.hub import Hub, Watcher
 from taskcast.ids import parse_task_id
+from taskcast.models import Task
 from taskcast.responses import not_found, validation_error
 from taskcast.rest import image_base64_flag
+from taskcast.server import abort_connection
 from taskcast.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,9 @@ class TaskEventStream(EventSourceResponse):
         except SendTimeoutError:
             self.hub.metrics.slow_disconnects.labels("sse").inc()
             self.hub.metrics.dropped.inc(len(self.watcher.pending))
-            logger.info("closed an SSE client that stopped reading")
+            # Closing politely would wait for the client to read its full buffer first.
+            abort_connection(scope)
+            logger.info("dropped an SSE client that stopped reading")
         finally:
             gauge.dec()
 
@@ -77,13 +81,13 @@ def _last_event_id(request: Request) -> int:
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else 0
 
 
-async def _stream(hub: Hub, watcher: Watcher, task_ids: list[int], include: bool,
-                  settings: Settings, end_id: bool) -> AsyncIterator[bytes]:
+async def _stream(hub: Hub, watcher: Watcher, task_ids: list[int], current: list[Task | None],
+                  include: bool, settings: Settings, end_id: bool) -> AsyncIterator[bytes]:
     metrics = hub.metrics.deliveries.labels("sse")
     unfinished = set(task_ids)
     try:
-        for task_id in task_ids:
-            hub.watch(watcher, task_id)
+        for task_id, task in zip(task_ids, current, strict=True):
+            hub.watch(watcher, task_id, task)
         yield b"retry: %d\n\n" % settings.sse_retry_ms
         while unfinished and not watcher.closed:
             batch = await watcher.next_batch(settings.sse_keepalive_s)
@@ -136,7 +140,7 @@ async def task_events(request: Request) -> Response:
     watcher = Watcher(hub.metrics)
     if last_seen:
         watcher.claim(task_id, last_seen)
-    return TaskEventStream(_stream(hub, watcher, [task_id], include, settings, False),
+    return TaskEventStream(_stream(hub, watcher, [task_id], [task], include, settings, False),
                            watcher, hub, settings)
 
 
@@ -164,12 +168,13 @@ async def many_task_events(request: Request) -> Response:
         return validation_error([exc.detail])
     if request.headers.get("last-event-id") == STREAM_DONE_ID:
         return Response(status_code=204)
+    found: list[Task | None] = [None] * len(task_ids)
     try:
-        found = await asyncio.gather(*(hub.lookup(task_id) for task_id in task_ids))
+        found = list(await asyncio.gather(*(hub.lookup(task_id) for task_id in task_ids)))
         if any(task is None for task in found):
             return not_found()
     except StoreUnavailable:
         pass  # hold the stream open; the hub reads the records once Redis answers
     watcher = Watcher(hub.metrics)
-    return TaskEventStream(_stream(hub, watcher, task_ids, include, settings, True),
+    return TaskEventStream(_stream(hub, watcher, task_ids, found, include, settings, True),
                            watcher, hub, settings)

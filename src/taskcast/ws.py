@@ -22,10 +22,12 @@ from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from taskcast.close_codes import CloseCode, ErrorCode
-from taskcast.errors import InvalidParameter, StoreUnavailable
+from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
 from taskcast.hub import Hub, Watcher
 from taskcast.ids import parse_task_id, parse_task_id_value
+from taskcast.models import Task
 from taskcast.rest import image_base64_flag
+from taskcast.server import abort_connection
 from taskcast.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -105,20 +107,32 @@ class Session:
         if len(self.subscribed) + len(new) > self.settings.ws_max_subscriptions:
             raise Abuse(CloseCode.TOO_MANY_SUBSCRIPTIONS,
                         f"more than {self.settings.ws_max_subscriptions} subscriptions")
-        try:
-            found = await asyncio.gather(*(self.hub.lookup(task_id) for task_id in new))
-            unknown = [task_id for task_id, task in zip(new, found, strict=True) if task is None]
-        except StoreUnavailable:
-            unknown = []  # watch anyway: the hub delivers once Redis answers again
+        found = await asyncio.gather(*(self.hub.lookup(task_id) for task_id in new),
+                                     return_exceptions=True)
+        unknown, broken = [], []
+        current: dict[int, Task] = {}
+        for task_id, result in zip(new, found, strict=True):
+            if isinstance(result, Task):
+                current[task_id] = result
+            elif result is None:
+                unknown.append(task_id)
+            elif isinstance(result, CorruptRecord):
+                broken.append(task_id)
+            elif isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
+                raise result
+            # StoreUnavailable: watch anyway; the hub delivers once Redis answers again.
         if unknown:
             self.error(ErrorCode.NOT_FOUND, "task not found", task_ids=unknown)
+        if broken:
+            self.error(ErrorCode.INTERNAL, "task record is malformed", task_ids=broken)
+        unknown += broken
         if not self.close_after_terminal:  # a per-task socket carries task frames only
             accepted = [task_id for task_id in task_ids if task_id not in unknown]
             self.reply({"type": "subscribed", "task_ids": accepted})
         for task_id in new:
             if task_id not in unknown:
                 self.subscribed.add(task_id)
-                self.hub.watch(self.watcher, task_id)
+                self.hub.watch(self.watcher, task_id, current.get(task_id))
 
     def unsubscribe(self, task_ids: list[int]) -> None:
         gone = [task_id for task_id in dict.fromkeys(task_ids) if task_id in self.subscribed]
@@ -145,9 +159,11 @@ class Session:
                 await self._send(state.ws_frame(self.include))
                 deliveries.inc()
                 if state.task.is_terminal:
-                    # Nothing can follow a terminal state: release the Redis subscription.
+                    # Nothing can follow a terminal state: release the Redis subscription,
+                    # and forget the task so that subscribing again sends its state again.
                     self.hub.unwatch(self.watcher, [state.task.task_id])
                     self.subscribed.discard(state.task.task_id)
+                    self.watcher.forget(state.task.task_id)
                     if self.close_after_terminal:
                         self.close(CloseCode.NORMAL, "task finished")
             if self.watcher.missing:
@@ -171,6 +187,9 @@ class Session:
             self.hub.metrics.slow_disconnects.labels("ws").inc()
             self.hub.metrics.dropped.inc(len(self.watcher.pending))
             self.close(CloseCode.TRY_AGAIN_LATER, "too slow: reconnect")
+            # A close frame cannot pass a full send buffer either; drop the connection so its
+            # buffered megabytes are freed now rather than whenever the client reads again.
+            abort_connection(self.websocket.scope)
             raise
 
 
@@ -195,7 +214,20 @@ async def _handle_frame(session: Session, message: MutableMapping[str, Any]) -> 
         return
     raw_ids = frame.get("task_ids")
     if not isinstance(raw_ids, list) or not raw_ids:
-        session.error(ErrorCode.INVALID, "task_ids must be a non-empty list of task ids", op=op)
+        detail: dict[str, Any]
+        if "task_ids" not in frame:
+            detail = {"type": "missing", "loc": ["task_ids"], "msg": "Field required",
+                      "input": None}
+        elif not isinstance(raw_ids, list):
+            detail = {"type": "list_type", "loc": ["task_ids"],
+                      "msg": "Input should be a valid list", "input": raw_ids}
+        else:
+            detail = {"type": "too_short", "loc": ["task_ids"],
+                      "msg": "List should have at least 1 item after validation, not 0",
+                      "input": raw_ids, "ctx": {"field_type": "List", "min_length": 1,
+                                                "actual_length": 0}}
+        session.error(ErrorCode.INVALID, "task_ids must be a non-empty list of task ids", op=op,
+                      detail=[detail])
         return
     try:
         task_ids = [parse_task_id_value(value, ("task_ids", index))
@@ -300,4 +332,8 @@ async def one_task_socket(websocket: WebSocket) -> None:
             return
     except StoreUnavailable:
         pass  # keep the socket; the hub delivers once Redis answers again
+    except CorruptRecord as exc:
+        logger.error("%s", exc)
+        await _refuse(websocket, CloseCode.INTERNAL_ERROR, "task record is malformed")
+        return
     await _run(Session(websocket, hub, settings, include), [task_id])
