@@ -93,14 +93,17 @@ class Task:
 
         def integer(name: str) -> int:
             raw = record.get(name)
-            if raw is None or raw == "":
+            if raw is None:
                 return 0
-            try:
-                return int(raw)
-            except ValueError:
-                raise CorruptRecord(task_id, f"{name}={raw!r} is not an integer") from None
+            # Strictly digits, as the Lua script reads them: the two must agree on what a
+            # valid record is, or the gateway would show tasks no producer can update.
+            if not (raw.isascii() and raw.lstrip("-").isdigit()):
+                raise CorruptRecord(task_id, f"{name}={raw!r} is not an integer")
+            return int(raw)
 
-        raw_status = record.get("status") or TaskStatus.SUBMITTED.value
+        raw_status = record.get("status")
+        if raw_status is None:
+            raw_status = TaskStatus.SUBMITTED.value
         try:
             status = TaskStatus(raw_status)
         except ValueError:

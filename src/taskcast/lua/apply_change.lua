@@ -18,7 +18,8 @@
 --
 -- On success the script returns the task object (JSON) after the change; when the change alters
 -- anything it bumps version, sets updated_at, writes the record and publishes that same JSON.
--- A change that alters nothing returns the current state and writes nothing (safe retries).
+-- A change that alters nothing returns the current state and writes nothing (safe retries),
+-- also on a finished task (a worker repeating its completion gets the state, not TERMINAL).
 -- A rejected change writes and publishes nothing and returns an error reply
 -- "REJECTED <REASON> <message>"; REASON is one of
 --   BAD_REQUEST BAD_STATUS BAD_TRANSITION BAD_PROGRESS PROGRESS_DECREASE BAD_FIELD
@@ -67,9 +68,13 @@ local publish = change.publish or 'PUBLISH'
 if publish ~= 'PUBLISH' and publish ~= 'SPUBLISH' then
   return reject('BAD_REQUEST', 'publish must be PUBLISH or SPUBLISH')
 end
+-- Checked before anything is written: an EXPIRE that fails after the HSET would leave the
+-- record changed and unpublished (Redis does not roll back a script's writes).
+local MAX_RETENTION = 3153600000  -- 100 years
 local retention = change.retention_s or 86400
-if type(retention) ~= 'number' or retention < 0 or math.floor(retention) ~= retention then
-  return reject('BAD_REQUEST', 'retention_s must be a non-negative integer')
+if type(retention) ~= 'number' or not (retention >= 0 and retention <= MAX_RETENTION)
+    or math.floor(retention) ~= retention then
+  return reject('BAD_REQUEST', 'retention_s must be an integer from 0 to 3153600000')
 end
 
 for _, name in ipairs({'status', 'type', 'angle', 'image_url', 'image_base64', 'error_message'}) do
@@ -132,6 +137,9 @@ if change.op == 'create' then
   if redis.call('EXISTS', record_key) == 1 then
     return reject('EXISTS', 'task ' .. id .. ' already exists')
   end
+  if change.status ~= nil and not KNOWN[change.status] then
+    return reject('BAD_STATUS', 'unknown status ' .. change.status)
+  end
   if change.status ~= nil and change.status ~= 'submitted' then
     return reject('BAD_TRANSITION', 'a task is created as submitted')
   end
@@ -177,6 +185,17 @@ if not KNOWN[task.status] or task.progress == nil or task.version == nil
   return reject('CORRUPT', 'task ' .. id .. ' has a malformed record')
 end
 if TERMINAL[task.status] then
+  -- A worker retrying its final call sends the very same change again: answer it with the
+  -- current state, as for any change that alters nothing. Anything else is refused.
+  local same = change.type == nil and change.angle == nil
+    and (change.status == nil or change.status == task.status)
+    and (change.progress == nil or change.progress == task.progress)
+  for _, name in ipairs({'image_url', 'image_base64', 'error_message'}) do
+    same = same and (change[name] == nil or change[name] == task[name])
+  end
+  if same then
+    return encode(task)
+  end
   return reject('TERMINAL', 'task ' .. id .. ' is ' .. task.status .. ' and cannot change')
 end
 if change.type ~= nil or change.angle ~= nil then

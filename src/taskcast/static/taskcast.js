@@ -17,7 +17,10 @@
  * Every transport may repeat a state (e.g. after a reconnect); the client delivers only newer
  * versions per task, so `onUpdate` never sees an older or repeated version. A task is watched
  * until it is completed or failed; when all are, everything is closed.
- * Task ids are numbers up to Number.MAX_SAFE_INTEGER (they arrive as JSON numbers).
+ * Task ids are numbers up to Number.MAX_SAFE_INTEGER (they arrive as JSON numbers). Unknown
+ * ids are reported to `onNotFound` and dropped (over SSE, an unknown id makes the whole stream
+ * a 404, which EventSource cannot tell from other errors: in the default chain the WebSocket
+ * then names the unknown ids; with `transport: 'sse'` forced the client keeps retrying).
  */
 
 const TERMINAL = new Set(['completed', 'failed']);
@@ -71,12 +74,13 @@ export function watch(taskIds, onUpdate, options = {}) {
   }
   const base = String(opts.baseUrl || '').replace(/\/+$/, '');
   const ids = [...new Set(taskIds.map((id) => String(id)))];
+  const watched = new Set(ids);
   /** @type {Map<string, number>} the newest version delivered per task */
   const versions = new Map();
   const finished = new Set();
+  const worked = new Set(); // transports that delivered at least once: never abandoned
   let chain = opts.transport ? [opts.transport] : ORDER.slice();
   let current = null; // {name, stop()} of the running transport
-  const worked = new Set(); // transports that delivered at least once: never abandoned
   let retryTimer = null;
   let attempt = 0;
   let closed = false;
@@ -89,7 +93,7 @@ export function watch(taskIds, onUpdate, options = {}) {
   /** Deliver a task state if it is newer than what the caller already has. */
   function deliver(task) {
     const id = String(task && task.task_id);
-    if (closed || !ids.includes(id) || finished.has(id)) return;
+    if (closed || !watched.has(id) || finished.has(id)) return;
     if (!(task.version > (versions.get(id) ?? 0))) return;
     versions.set(id, task.version);
     if (TERMINAL.has(task.status)) finished.add(id);
@@ -98,7 +102,7 @@ export function watch(taskIds, onUpdate, options = {}) {
   }
 
   function dropMissing(missing) {
-    const known = missing.map(String).filter((id) => ids.includes(id) && !finished.has(id));
+    const known = missing.map(String).filter((id) => watched.has(id) && !finished.has(id));
     if (!known.length) return;
     known.forEach((id) => finished.add(id));
     try { opts.onNotFound(known.map(Number)); } catch (err) { console.error(err); }
