@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -137,12 +138,39 @@ async def run_gateway(settings: Settings, port: int | None = None) -> AsyncItera
         sock.close()
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def cluster_port(taken: set[int]) -> int:
+    """A port for a cluster node whose bus port (port + 10000) is free as well.
+
+    redis-server refuses a cluster node above 55535 (its bus port would not fit), so nodes get
+    ports from 10000-22000: the bus ports then stay below the kernel's ephemeral range too.
+    """
+    for _ in range(10_000):
+        port = random.randint(10_000, 22_000)
+        pair = {port, port + 10_000}
+        if pair & taken or pair & {6379, 16379, 26379}:
+            continue
+        if all(_bindable(candidate) for candidate in pair):
+            taken.update(pair)
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisClusterNodes:
     """A real Redis Cluster of three primaries (no replicas) on free ports."""
 
     def __init__(self, workdir: Path, size: int = 3) -> None:
+        taken: set[int] = set()
         self.nodes = [
-            RedisServer(workdir / f"node{index}", extra_args=[
+            RedisServer(workdir / f"node{index}", port=cluster_port(taken), extra_args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", "2000",
             ])
@@ -154,15 +182,19 @@ class RedisClusterNodes:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
 
     def start(self, timeout: float = 30.0) -> None:
-        for node in self.nodes:
-            node.start()
-        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0",
-             "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, check=True,
-        )
-        self.wait_ok(timeout)
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                 "--cluster-yes"],
+                capture_output=True, text=True, timeout=60, check=True,
+            )
+            self.wait_ok(timeout)
+        except BaseException:
+            self.stop()  # no node left running behind a failed start
+            raise
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

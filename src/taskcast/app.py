@@ -30,7 +30,7 @@ from taskcast.rest import get_task
 from taskcast.settings import Settings
 from taskcast.sse import many_task_events, task_events
 from taskcast.static import browser_client
-from taskcast.store import TaskStore
+from taskcast.store import STORE_ERRORS, TaskStore
 from taskcast.ws import many_tasks_socket, one_task_socket
 
 logger = logging.getLogger(__name__)
@@ -43,16 +43,22 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         redis = connect(settings.redis_url, timeout=settings.redis_timeout_s)
+        pubsub_redis = redis
         keys = TaskKeys(settings.prefix)
         store = TaskStore(redis, keys)
         metrics = Metrics()
         broker: Broker
         if is_cluster_url(settings.redis_url):
+            await _initialize_cluster(redis)
             broker = ShardedPubSubBroker(redis, keys,  # type: ignore[arg-type]
                                          ping_deadline_s=settings.redis_ping_deadline_s,
                                          node_timeout_s=settings.redis_timeout_s)
         else:
-            broker = RedisPubSubBroker(redis, keys, ping_deadline_s=settings.redis_ping_deadline_s)
+            # Its own client: a pub/sub connection must not be silently reconnected (see connect).
+            pubsub_redis = connect(settings.redis_url, timeout=settings.redis_timeout_s,
+                                   max_connections=4, retries=0)
+            broker = RedisPubSubBroker(pubsub_redis, keys,
+                                       ping_deadline_s=settings.redis_ping_deadline_s)
         hub = Hub(broker, store, metrics, resync_interval_s=settings.resync_interval_s)
         app.state.settings = settings
         app.state.store = store
@@ -73,6 +79,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
                 await worker.close()
             await hub.close()
             await redis.aclose()
+            if pubsub_redis is not redis:
+                await pubsub_redis.aclose()
 
     routes = [
         Route("/tasks/{task_id}", get_task, methods=["GET"]),
@@ -109,6 +117,15 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
             Exception: _unexpected_error,
         },
     )
+
+
+async def _initialize_cluster(redis: object) -> None:
+    """Load the slot map now: redis-py initializes a cluster client lazily, and a burst of
+    concurrent first commands races inside that (AttributeError on a half-made connection)."""
+    try:
+        await redis.initialize()  # type: ignore[attr-defined]
+    except STORE_ERRORS as exc:
+        logger.warning("Redis Cluster not reachable at start-up (%s); will keep trying", exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

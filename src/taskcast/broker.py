@@ -151,6 +151,9 @@ class RedisPubSubBroker:
             except (*STORE_ERRORS, HungConnection) as exc:
                 logger.warning("Redis pub/sub connection lost (%s); reconnecting", exc or
                                type(exc).__name__)
+            except Exception:
+                # Whatever redis-py raises, the one subscription of this process must live on.
+                logger.exception("Redis pub/sub connection failed unexpectedly; reconnecting")
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1):
@@ -214,6 +217,10 @@ class RedisPubSubBroker:
             now = time.monotonic()
             if now - self._last_seen > self.ping_deadline_s:
                 raise HungConnection(f"no reply from Redis for {now - self._last_seen:.1f} s")
+            connection = pubsub.connection
+            if connection is None or not connection.is_connected:
+                # Never let a command reconnect behind the reader's back: rebuild instead.
+                raise ConnectionError("pub/sub connection closed")
             if self._to_unsubscribe:
                 channels, self._to_unsubscribe = list(self._to_unsubscribe), set()
                 if self.sharded:

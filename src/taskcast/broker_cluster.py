@@ -21,6 +21,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from taskcast.broker import BrokerListener, RedisPubSubBroker
@@ -130,8 +132,10 @@ class ShardedPubSubBroker:
     def _node_broker(self, name: str) -> RedisPubSubBroker:
         if name not in self._nodes:
             host, port = name.rsplit(":", 1)
+            # No retries: the node broker rebuilds its connection itself (see connection.py).
             node_client = Redis(host=host, port=int(port), socket_timeout=self.node_timeout_s,
-                                socket_connect_timeout=self.node_timeout_s)
+                                socket_connect_timeout=self.node_timeout_s,
+                                retry=Retry(NoBackoff(), 0))
             broker = RedisPubSubBroker(
                 node_client, self.keys, ping_deadline_s=self.ping_deadline_s, sharded=True,
                 control_channel=self._control_channel_for(name),
@@ -166,7 +170,7 @@ class ShardedPubSubBroker:
             self._refresh.clear()
             try:
                 await self.cluster.nodes_manager.initialize()
-            except (*STORE_ERRORS, IndexError) as exc:
+            except (*STORE_ERRORS, IndexError, AttributeError) as exc:
                 logger.warning("could not read the cluster's slot map: %s", exc)
                 await asyncio.sleep(0.5)
                 self._refresh.set()

@@ -41,9 +41,14 @@ def _memory_server(url: str) -> Any:
     return _memory_servers[name]
 
 
-def connect(url: str, *, timeout: float = 2.0, max_connections: int = 200) -> aioredis.Redis:
+def connect(
+    url: str, *, timeout: float = 2.0, max_connections: int = 200, retries: int = 2
+) -> aioredis.Redis:
     """An asyncio client that fails fast: a request should see a 500 within about `timeout`
-    seconds of Redis going away, not after redis-py's default ten retries."""
+    seconds of Redis going away, not after redis-py's default ten retries.
+
+    `retries=0` is for pub/sub: redis-py's silent reconnect there races with a second
+    coroutine using the same connection, so the broker rebuilds the connection itself."""
     if is_memory_url(url):
         import fakeredis
 
@@ -65,7 +70,7 @@ def connect(url: str, *, timeout: float = 2.0, max_connections: int = 200) -> ai
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=retries),
         max_connections=max_connections,
         health_check_interval=0,
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from functools import cache
 from importlib.resources import files
 
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, ClusterError, ResponseError, TryAgainError
 
-from taskcast.errors import TaskNotFound, TransitionRejected
+from taskcast.errors import StoreUnavailable, TaskNotFound, TransitionRejected
 
 SCRIPT_RESOURCE = "lua/apply_change.lua"
 
@@ -20,9 +20,12 @@ def script_source() -> str:
 def rejection_from(error: ResponseError, task_id: int) -> Exception:
     """Turn a `REJECTED <REASON> <message>` error reply into TaskNotFound/TransitionRejected.
 
-    Any other ResponseError (wrong type, script error) is returned unchanged.
+    A cluster that refuses the write for now (CLUSTERDOWN, TRYAGAIN, MOVED/ASK left after
+    redis-py's retries) is StoreUnavailable; any other ResponseError is returned unchanged.
     """
     text = str(error)
+    if isinstance(error, ClusterError | TryAgainError | AskError):
+        return StoreUnavailable(f"changing task {task_id} failed: {text}")
     if not text.startswith("REJECTED "):
         return error
     _, reason, message = (text.split(" ", 2) + [""])[:3]

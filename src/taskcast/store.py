@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.keys import TaskKeys
@@ -15,7 +15,7 @@ from taskcast.models import RECORD_FIELDS, RECORD_FIELDS_WITHOUT_IMAGE_BASE64, T
 logger = logging.getLogger(__name__)
 
 # Errors that mean "the store is not answering", as opposed to a bug in our code.
-STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+STORE_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 class TaskStore:
