@@ -31,6 +31,7 @@ from taskcast.settings import Settings
 from taskcast.sse import many_task_events, task_events
 from taskcast.static import browser_client
 from taskcast.store import STORE_ERRORS, TaskStore
+from taskcast.streams import OpenStreams
 from taskcast.ws import many_tasks_socket, one_task_socket
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,10 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         app.state.store = store
         app.state.metrics = metrics
         app.state.hub = hub
+        streams = app.state.streams = OpenStreams(metrics, settings.sse_keepalive_s,
+                                                  settings.send_timeout_s)
         hub.start()
+        streams.start()
         worker = None
         if demo:
             producer = Producer(redis, prefix=settings.prefix, retention_s=settings.retention_s,
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         finally:
             if worker is not None:
                 await worker.close()
+            await streams.close()
             await hub.close()
             await redis.aclose()
             if pubsub_redis is not redis:

@@ -42,7 +42,7 @@ def _memory_server(url: str) -> Any:
 
 
 def connect(
-    url: str, *, timeout: float = 2.0, max_connections: int = 200, retries: int = 2
+    url: str, *, timeout: float = 2.0, max_connections: int = 50, retries: int = 2
 ) -> aioredis.Redis:
     """An asyncio client that fails fast: a request should see a 500 within about `timeout`
     seconds of Redis going away, not after redis-py's default ten retries.
@@ -66,14 +66,18 @@ def connect(
             max_connections=max_connections,
         )
         return cluster
-    return aioredis.Redis.from_url(
+    # A blocking pool: a burst of requests waits (up to `timeout`) for one of a bounded set of
+    # connections, instead of opening hundreds of sockets or failing past the limit.
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=retries),
         max_connections=max_connections,
+        timeout=timeout,
         health_check_interval=0,
     )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 def connect_sync(url: str, *, timeout: float = 5.0) -> Any:

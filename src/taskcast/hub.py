@@ -26,7 +26,6 @@ is never lost. How:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -136,13 +135,17 @@ class Watcher:
             self.closed, self.close_reason = True, reason
             self._wake.set()
 
-    async def next_batch(self, timeout: float) -> list[TaskState]:
-        """The pending states in arrival order; [] after `timeout` s of quiet or on close."""
+    async def next_batch(self) -> list[TaskState]:
+        """The pending states in arrival order; [] when woken by poke() or close().
+
+        No timer per wait: keep-alives come from one process-wide ticker that pokes idle
+        watchers (streams.py), so an idle client costs no timer at all.
+        """
         if not self.pending and not self.closed and not self.missing:
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+            await self._wake.wait()
+        if not self.pending:
+            return []
         batch = list(self.pending.values())
         self.pending.clear()
         return batch

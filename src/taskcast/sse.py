@@ -1,9 +1,16 @@
 """Server-Sent Events (contract section 5): `/tasks/{task_id}/events` and `/events?task_id=`.
 
 Frames are encoded once per task version by the hub (TaskState.sse_frame) and written as the
-same bytes to every client. sse-starlette runs the response (headers, disconnect detection,
-send timeouts, graceful shutdown); its own ping task is off because the stream below writes
-its keep-alive comments itself, which saves one task per connection.
+same bytes to every client; the frames of one wake-up go out in one write.
+
+The stream is a lean ASGI response of our own rather than sse-starlette's EventSourceResponse:
+measured on this project's benchmark, that response's per-connection machinery (an anyio task
+group with three tasks, a lock, events, and a cancel scope around every write) cost about
+40 KiB per idle connection and most of the CPU per delivery (bench/README.md). Here a stream
+is its request task plus one task waiting for the disconnect; keep-alives, slow-client
+detection and graceful shutdown are shared by all streams (streams.py). sse-starlette still
+serves where it is cheap: its process-wide shutdown detection, and its encoder for the few
+control events.
 """
 
 from __future__ import annotations
@@ -12,10 +19,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from sse_starlette.sse import EventSourceResponse, SendTimeoutError
+from sse_starlette.event import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from taskcast.errors import InvalidParameter, StoreUnavailable
 from taskcast.hub import Hub, Watcher
@@ -23,57 +30,64 @@ from taskcast.ids import parse_task_id
 from taskcast.models import Task
 from taskcast.responses import not_found, validation_error
 from taskcast.rest import image_base64_flag
-from taskcast.server import abort_connection
 from taskcast.settings import Settings
+from taskcast.streams import OpenStream, OpenStreams
 
 logger = logging.getLogger(__name__)
 
-KEEPALIVE = b": keep-alive\n\n"
+KEEPALIVE = ServerSentEvent(comment="keep-alive", sep="\n").encode()
 # The id of the closing event of a multi-task stream: a reconnect that carries it gets 204.
 STREAM_DONE_ID = "done"
+STREAM_END = ServerSentEvent(data="{}", event="end", id=STREAM_DONE_ID, sep="\n").encode()
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),
+    (b"connection", b"keep-alive"),
+]
 
 
-class _ShutdownSignal:
-    """Quacks like the anyio.Event sse-starlette sets on server shutdown: closes the watcher,
-    so the stream ends cleanly (clients then reconnect, possibly to another replica)."""
-
-    __slots__ = ("watcher",)
-
-    def __init__(self, watcher: Watcher) -> None:
-        self.watcher = watcher
-
-    def set(self) -> None:
-        self.watcher.close("shutdown")
-
-
-class TaskEventStream(EventSourceResponse):
-    """Counts the connection, and turns a client that stopped reading into a clean close."""
+class TaskEventStream:
+    """The ASGI response of one SSE connection."""
 
     def __init__(self, content: AsyncIterator[bytes], watcher: Watcher, hub: Hub,
-                 settings: Settings) -> None:
-        super().__init__(
-            content,
-            ping=0,
-            send_timeout=settings.send_timeout_s,
-            shutdown_event=_ShutdownSignal(watcher),  # type: ignore[arg-type]
-            shutdown_grace_period=1.0,
-        )
+                 streams: OpenStreams) -> None:
+        self.content = content
         self.watcher = watcher
         self.hub = hub
+        self.streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        stream = OpenStream(self.watcher, scope, asyncio.current_task())
+        listener = loop.create_task(self._until_disconnect(receive))
         gauge = self.hub.metrics.connections.labels("sse")
         gauge.inc()
+        self.streams.add(stream)
         try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            self.hub.metrics.slow_disconnects.labels("sse").inc()
-            self.hub.metrics.dropped.inc(len(self.watcher.pending))
-            # Closing politely would wait for the client to read its full buffer first.
-            abort_connection(scope)
-            logger.info("dropped an SSE client that stopped reading")
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            async for chunk in self.content:
+                stream.sending_since = loop.time()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                stream.sending_since = 0.0
+                stream.active = True
+                if stream.aborted:
+                    break
+            if not stream.aborted:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away (servers on ASGI 2.4 raise on a send after that)
         finally:
+            await self.content.aclose()  # type: ignore[attr-defined]
+            listener.cancel()
+            self.streams.discard(stream)
             gauge.dec()
+
+    async def _until_disconnect(self, receive: Receive) -> None:
+        message: Message = {}
+        while message.get("type") != "http.disconnect":
+            message = await receive()
+        self.watcher.close("client left")
 
 
 def _last_event_id(request: Request) -> int:
@@ -88,14 +102,14 @@ async def _stream(hub: Hub, watcher: Watcher, task_ids: list[int], current: list
     try:
         for task_id, task in zip(task_ids, current, strict=True):
             hub.watch(watcher, task_id, task)
-        yield b"retry: %d\n\n" % settings.sse_retry_ms
+        yield ServerSentEvent(retry=settings.sse_retry_ms, sep="\n").encode()
         while unfinished and not watcher.closed:
-            batch = await watcher.next_batch(settings.sse_keepalive_s)
-            for state in batch:
-                yield state.sse_frame(include)
-                if state.task.is_terminal:
-                    unfinished.discard(state.task.task_id)
+            batch = await watcher.next_batch()
             if batch:
+                for state in batch:
+                    if state.task.is_terminal:
+                        unfinished.discard(state.task.task_id)
+                yield b"".join([state.sse_frame(include) for state in batch])
                 metrics.inc(len(batch))
             # A client may already hold a terminal state (Last-Event-ID) that the hub learns
             # only now, e.g. after Redis came back: nothing newer will come for it.
@@ -107,12 +121,12 @@ async def _stream(hub: Hub, watcher: Watcher, task_ids: list[int], current: list
                 # The record vanished (expired, or never existed while Redis was down at
                 # connect time). End the stream: the reconnect gets the 404 that stops it.
                 names = ",".join(str(task_id) for task_id in sorted(watcher.missing))
-                yield b"event: not_found\ndata: %s\n\n" % names.encode()
+                yield ServerSentEvent(data=names, event="not_found", sep="\n").encode()
                 return
             if not batch and unfinished and not watcher.closed:
                 yield KEEPALIVE
         if not unfinished and end_id:
-            yield b"event: end\nid: %s\ndata: {}\n\n" % STREAM_DONE_ID.encode()
+            yield STREAM_END
     finally:
         hub.unwatch(watcher, task_ids)
 
@@ -141,7 +155,7 @@ async def task_events(request: Request) -> Response:
     if last_seen:
         watcher.claim(task_id, last_seen)
     return TaskEventStream(_stream(hub, watcher, [task_id], [task], include, settings, False),
-                           watcher, hub, settings)
+                           watcher, hub, request.app.state.streams)  # type: ignore[return-value]
 
 
 async def many_task_events(request: Request) -> Response:
@@ -177,4 +191,4 @@ async def many_task_events(request: Request) -> Response:
         pass  # hold the stream open; the hub reads the records once Redis answers
     watcher = Watcher(hub.metrics)
     return TaskEventStream(_stream(hub, watcher, task_ids, found, include, settings, True),
-                           watcher, hub, settings)
+                           watcher, hub, request.app.state.streams)  # type: ignore[return-value]

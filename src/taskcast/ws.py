@@ -152,7 +152,7 @@ class Session:
         """Writes replies and task states until closed; a write that takes too long closes."""
         deliveries = self.hub.metrics.deliveries.labels("ws")
         while not self.watcher.closed:
-            batch = await self.watcher.next_batch(timeout=30.0)
+            batch = await self.watcher.next_batch()
             while self.replies:
                 await self._send(self.replies.popleft())
             for state in batch:
