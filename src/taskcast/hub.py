@@ -41,10 +41,13 @@ logger = logging.getLogger(__name__)
 class TaskState:
     """One version of a task with its encodings, built lazily and shared by all watchers."""
 
-    __slots__ = ("task", "_frames", "_ws_frames")
+    __slots__ = ("task", "task_id", "terminal", "_frames", "_ws_frames")
 
     def __init__(self, task: Task) -> None:
         self.task = task
+        # Read on every delivery: plain attributes, not properties.
+        self.task_id = task.task_id
+        self.terminal = task.is_terminal
         self._frames: dict[tuple[str, bool], bytes] = {}
         self._ws_frames: dict[tuple[str, bool], str] = {}
 
@@ -96,10 +99,10 @@ class Watcher:
         self.claimed.add(task_id)
 
     def offer(self, state: TaskState) -> None:
-        task_id = state.task.task_id
+        task_id = state.task_id
         known = self.known.get(task_id, 0)
         if state.version <= known:
-            if not state.task.is_terminal or task_id in self.ended:
+            if not state.terminal or task_id in self.ended:
                 return
             if task_id in self.claimed and state.version == known:
                 return  # the client says it holds exactly this end (Last-Event-ID)
@@ -108,7 +111,7 @@ class Watcher:
             # its versions. Either way the end must still arrive.
         self.claimed.discard(task_id)
         self.known[task_id] = state.version
-        if state.task.is_terminal:
+        if state.terminal:
             self.ended.add(task_id)
         if task_id in self.pending:
             self._metrics.conflated.inc()
@@ -226,7 +229,7 @@ class Hub:
         """Whether the watcher already has the terminal state the hub knows for the task."""
         topic = self._topics.get(task_id)
         state = topic.state if topic is not None else None
-        return (state is not None and state.task.is_terminal
+        return (state is not None and state.terminal
                 and state.version <= watcher.known.get(task_id, 0) and task_id not in
                 watcher.pending)
 
@@ -290,7 +293,7 @@ class Hub:
         if current is not None and task.version <= current.version:
             # Versions only restart when Redis lost the record and it was re-created; then a
             # terminal state must not be held back behind the lost, higher-numbered progress.
-            if not (task.is_terminal and not current.task.is_terminal):
+            if not (task.is_terminal and not current.terminal):
                 return
         state = topic.state = TaskState(task)
         for watcher in topic.watchers:
@@ -330,7 +333,7 @@ class Hub:
             unfinished = [
                 task_id
                 for task_id, topic in self._topics.items()
-                if topic.state is None or not topic.state.task.is_terminal
+                if topic.state is None or not topic.state.terminal
             ]
             self.mark_dirty(unfinished, "periodic")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import uvicorn
@@ -12,6 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from taskcast.settings import Settings
 
 ABORT_KEY = "taskcast.abort"
+
+# Serves a request without Starlette's middleware stack, or returns False to pass it on.
+FastPath = Callable[[Starlette, Scope, Receive, Send], Awaitable[bool]]
 
 
 class AbortableConnections:
@@ -24,14 +27,17 @@ class AbortableConnections:
     server the key is simply absent and slow clients are closed the polite way.
     """
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, fast_path: FastPath | None = None) -> None:
         self.app = app
+        self.fast_path = fast_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         transport = getattr(getattr(send, "__self__", None), "transport", None)
         abort = getattr(transport, "abort", None)
         if abort is not None and scope["type"] in ("http", "websocket"):
             scope[ABORT_KEY] = abort
+        if self.fast_path is not None and await self.fast_path(self.app, scope, receive, send):
+            return
         await self.app(scope, receive, send)
 
 
@@ -43,18 +49,25 @@ def abort_connection(scope: MutableMapping[str, Any]) -> bool:
     return True
 
 
+def served(app: Starlette) -> AbortableConnections:
+    """The app as uvicorn runs it: SSE streams take the fast path (see sse.serve_stream)."""
+    from taskcast.sse import serve_stream
+
+    return AbortableConnections(app, serve_stream)
+
+
 def create_served_app() -> AbortableConnections:
     """The factory uvicorn's worker processes import (`--workers`): settings from TASKCAST_*."""
     from taskcast.app import create_app
 
-    return AbortableConnections(create_app())
+    return served(create_app())
 
 
 def uvicorn_config(app: Starlette, settings: Settings, **overrides: object) -> uvicorn.Config:
     options = uvicorn_options(settings)
     options.update(overrides)
-    served: ASGIApp = AbortableConnections(app)
-    return uvicorn.Config(served, **options)  # type: ignore[arg-type]
+    asgi: ASGIApp = served(app)
+    return uvicorn.Config(asgi, **options)  # type: ignore[arg-type]
 
 
 def uvicorn_options(settings: Settings) -> dict[str, object]:

@@ -158,7 +158,7 @@ class Session:
             for state in batch:
                 await self._send(state.ws_frame(self.include))
                 deliveries.inc()
-                if state.task.is_terminal:
+                if state.terminal:
                     # Nothing can follow a terminal state: release the Redis subscription,
                     # and forget the task so that subscribing again sends its state again.
                     self.hub.unwatch(self.watcher, [state.task.task_id])
