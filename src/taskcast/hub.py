@@ -163,7 +163,7 @@ class _Topic:
 
 
 class Hub:
-    REFRESH_BATCH = 200
+    REFRESH_BATCH = 100
 
     def __init__(
         self,
@@ -314,18 +314,36 @@ class Hub:
                 batch = [self._dirty.pop() for _ in range(min(self.REFRESH_BATCH,
                                                                len(self._dirty)))]
                 try:
-                    found = await self.store.get_many(batch)
+                    await self._refresh(batch)
                 except StoreUnavailable as exc:
                     logger.debug("resync postponed: %s", exc)
                     self._dirty.update(batch)
                     await asyncio.sleep(0.5)
                     continue
-                for task_id, task in found.items():
-                    if task is not None:
-                        self.accept(task)
-                    elif task_id in self._topics:
-                        for watcher in list(self._topics[task_id].watchers):
-                            watcher.offer_missing(task_id)
+                await asyncio.sleep(0)  # let deliveries through between batches
+
+    async def _refresh(self, task_ids: list[int]) -> None:
+        """Re-read the records that may have changed: versions first (a few bytes each),
+        then whole records only where the version is new, unreadable or gone."""
+        stale = []
+        for task_id, seen in (await self.store.versions(task_ids)).items():
+            topic = self._topics.get(task_id)
+            if topic is None:
+                continue
+            state = topic.state
+            if seen is None or state is None or seen[0] == -1 or seen[0] > state.version:
+                stale.append(task_id)
+            elif seen[1] and not state.terminal:
+                stale.append(task_id)  # finished at a version already seen: see accept()
+        if not stale:
+            return
+        found = await self.store.get_many(stale)
+        for task_id, task in found.items():
+            if task is not None:
+                self.accept(task)
+            elif task_id in self._topics:
+                for watcher in list(self._topics[task_id].watchers):
+                    watcher.offer_missing(task_id)
 
     async def _periodic_resync(self) -> None:
         while True:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 from sse_starlette.event import ServerSentEvent
 from starlette.applications import Starlette
@@ -49,18 +48,26 @@ HEADERS = [
 
 
 class TaskEventStream:
-    """The ASGI response of one SSE connection."""
+    """The ASGI response of one SSE connection: watches its tasks and writes their frames.
 
-    def __init__(self, content: AsyncIterator[bytes], watcher: Watcher, hub: Hub,
-                 streams: OpenStreams) -> None:
-        self.content = content
-        self.watcher = watcher
+    The loop runs in the request's own task (no generator layer between a wake-up and its
+    write); a second task only waits for the client to disconnect.
+    """
+
+    def __init__(self, hub: Hub, streams: OpenStreams, settings: Settings, watcher: Watcher,
+                 task_ids: list[int], current: list[Task | None], include: bool,
+                 end_event: bool) -> None:
         self.hub = hub
         self.streams = streams
+        self.settings = settings
+        self.watcher = watcher
+        self.task_ids = task_ids
+        self.current = current
+        self.include = include
+        self.end_event = end_event  # the multi-task stream ends with `event: end`
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "HEAD":  # headers only: a HEAD must not open a stream
-            await self.content.aclose()  # type: ignore[attr-defined]
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
@@ -70,53 +77,41 @@ class TaskEventStream:
         gauge = self.hub.metrics.connections.labels("sse")
         gauge.inc()
         self.streams.add(stream)
+        for task_id, task in zip(self.task_ids, self.current, strict=True):
+            self.hub.watch(self.watcher, task_id, task)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            async for chunk in self.content:
-                stream.sending_since = loop.time()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                stream.sending_since = 0.0
-                stream.active = True
-                if stream.aborted:
-                    break
+            last = await self._pump(send, stream, loop)
+            if last and not stream.aborted:
+                await self._write(send, stream, loop, last)
             if not stream.aborted:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went away (servers on ASGI 2.4 raise on a send after that)
         finally:
-            await self.content.aclose()  # type: ignore[attr-defined]
+            self.hub.unwatch(self.watcher, self.task_ids)
             listener.cancel()
             self.streams.discard(stream)
             gauge.dec()
 
-    async def _until_disconnect(self, receive: Receive) -> None:
-        message: Message = {}
-        while message.get("type") != "http.disconnect":
-            message = await receive()
-        self.watcher.close("client left")
-
-
-def _last_event_id(request: Request) -> int:
-    raw = request.headers.get("last-event-id", "")
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else 0
-
-
-async def _stream(hub: Hub, watcher: Watcher, task_ids: list[int], current: list[Task | None],
-                  include: bool, settings: Settings, end_id: bool) -> AsyncIterator[bytes]:
-    metrics = hub.metrics.deliveries.labels("sse")
-    unfinished = set(task_ids)
-    try:
-        for task_id, task in zip(task_ids, current, strict=True):
-            hub.watch(watcher, task_id, task)
-        yield ServerSentEvent(retry=settings.sse_retry_ms, sep="\n").encode()
-        while unfinished and not watcher.closed:
+    async def _pump(self, send: Send, stream: OpenStream, loop: asyncio.AbstractEventLoop
+                    ) -> bytes:
+        """Write states until every task is finished or the stream is closed; returns the
+        closing event to write, if any."""
+        hub, watcher, include = self.hub, self.watcher, self.include
+        delivered = hub.metrics.deliveries.labels("sse")
+        unfinished = set(self.task_ids)
+        await self._write(send, stream, loop,
+                          ServerSentEvent(retry=self.settings.sse_retry_ms, sep="\n").encode())
+        while unfinished and not watcher.closed and not stream.aborted:
             batch = await watcher.next_batch()
             if batch:
                 for state in batch:
                     if state.terminal:
                         unfinished.discard(state.task_id)
-                yield b"".join([state.sse_frame(include) for state in batch])
-                metrics.inc(len(batch))
+                await self._write(send, stream, loop,
+                                  b"".join([state.sse_frame(include) for state in batch]))
+                delivered.inc(len(batch))
             if watcher.claimed:
                 # A client may already hold a terminal state (Last-Event-ID) that the hub
                 # learns only now, e.g. after Redis came back: nothing newer will come for it.
@@ -128,14 +123,30 @@ async def _stream(hub: Hub, watcher: Watcher, task_ids: list[int], current: list
                 # The record vanished (expired, or never existed while Redis was down at
                 # connect time). End the stream: the reconnect gets the 404 that stops it.
                 names = ",".join(str(task_id) for task_id in sorted(watcher.missing))
-                yield ServerSentEvent(data=names, event="not_found", sep="\n").encode()
-                return
+                return ServerSentEvent(data=names, event="not_found", sep="\n").encode()
             if not batch and unfinished and not watcher.closed:
-                yield KEEPALIVE
-        if not unfinished and end_id:
-            yield STREAM_END
-    finally:
-        hub.unwatch(watcher, task_ids)
+                await self._write(send, stream, loop, KEEPALIVE)
+        return STREAM_END if not unfinished and self.end_event else b""
+
+    @staticmethod
+    async def _write(send: Send, stream: OpenStream, loop: asyncio.AbstractEventLoop,
+                     chunk: bytes) -> None:
+        # The sweeper in streams.py reads sending_since to find writes that never return.
+        stream.sending_since = loop.time()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        stream.sending_since = 0.0
+        stream.active = True
+
+    async def _until_disconnect(self, receive: Receive) -> None:
+        message: Message = {}
+        while message.get("type") != "http.disconnect":
+            message = await receive()
+        self.watcher.close("client left")
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id", "")
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else 0
 
 
 async def task_events(request: Request) -> Response:
@@ -161,8 +172,8 @@ async def task_events(request: Request) -> Response:
     watcher = Watcher(hub.metrics)
     if last_seen:
         watcher.claim(task_id, last_seen)
-    return TaskEventStream(_stream(hub, watcher, [task_id], [task], include, settings, False),
-                           watcher, hub, request.app.state.streams)  # type: ignore[return-value]
+    return TaskEventStream(hub, request.app.state.streams, settings, watcher,  # type: ignore[return-value]
+                           [task_id], [task], include, end_event=False)
 
 
 async def many_task_events(request: Request) -> Response:
@@ -197,8 +208,8 @@ async def many_task_events(request: Request) -> Response:
     except StoreUnavailable:
         pass  # hold the stream open; the hub reads the records once Redis answers
     watcher = Watcher(hub.metrics)
-    return TaskEventStream(_stream(hub, watcher, task_ids, found, include, settings, True),
-                           watcher, hub, request.app.state.streams)  # type: ignore[return-value]
+    return TaskEventStream(hub, request.app.state.streams, settings, watcher,  # type: ignore[return-value]
+                           task_ids, found, include, end_event=True)
 
 
 async def serve_stream(app: Starlette, scope: Scope, receive: Receive, send: Send) -> bool:

@@ -52,6 +52,25 @@ class TaskStore:
                 logger.error("%s", exc)
         return tasks
 
+    async def versions(self, task_ids: list[int]) -> dict[int, tuple[int, bool] | None]:
+        """Only (version, finished) per record (None: no record; version -1: unreadable), in
+        one round trip: a cheap way to learn which of many watched records changed."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in task_ids:
+                    pipe.hmget(self.keys.record(task_id), ["version", "status"])
+                replies = await pipe.execute()
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"reading {len(task_ids)} versions failed: {exc}") from exc
+        found: dict[int, tuple[int, bool] | None] = {}
+        for task_id, (version, status) in zip(task_ids, replies, strict=True):
+            if version is None and status is None:
+                found[task_id] = None
+            else:
+                number = int(version) if version is not None and version.isdigit() else -1
+                found[task_id] = (number, status in (b"completed", b"failed"))
+        return found
+
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
