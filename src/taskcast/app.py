@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         else:
             # Its own client: a pub/sub connection must not be silently reconnected (see connect).
             pubsub_redis = connect(settings.redis_url, timeout=settings.redis_timeout_s,
-                                   max_connections=4, retries=0)
+                                   max_connections=4, retries=0, protocol=2)
             broker = RedisPubSubBroker(pubsub_redis, keys,
                                        ping_deadline_s=settings.redis_ping_deadline_s)
         hub = Hub(broker, store, metrics, resync_interval_s=settings.resync_interval_s)

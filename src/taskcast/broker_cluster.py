@@ -135,7 +135,7 @@ class ShardedPubSubBroker:
             # No retries: the node broker rebuilds its connection itself (see connection.py).
             node_client = Redis(host=host, port=int(port), socket_timeout=self.node_timeout_s,
                                 socket_connect_timeout=self.node_timeout_s,
-                                retry=Retry(NoBackoff(), 0))
+                                retry=Retry(NoBackoff(), 0), protocol=2)
             broker = RedisPubSubBroker(
                 node_client, self.keys, ping_deadline_s=self.ping_deadline_s, sharded=True,
                 control_channel=self._control_channel_for(name),

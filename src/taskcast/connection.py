@@ -42,13 +42,16 @@ def _memory_server(url: str) -> Any:
 
 
 def connect(
-    url: str, *, timeout: float = 2.0, max_connections: int = 50, retries: int = 2
+    url: str, *, timeout: float = 2.0, max_connections: int = 50, retries: int = 2,
+    protocol: int | None = None,
 ) -> aioredis.Redis:
     """An asyncio client that fails fast: a request should see a 500 within about `timeout`
     seconds of Redis going away, not after redis-py's default ten retries.
 
     `retries=0` is for pub/sub: redis-py's silent reconnect there races with a second
-    coroutine using the same connection, so the broker rebuilds the connection itself."""
+    coroutine using the same connection, so the broker rebuilds the connection itself.
+    `protocol=2` is for pub/sub too: redis-py's RESP3 push path looks up a logger for every
+    message, a measurable share of the gateway's CPU per event."""
     if is_memory_url(url):
         import fakeredis
 
@@ -76,6 +79,7 @@ def connect(
         max_connections=max_connections,
         timeout=timeout,
         health_check_interval=0,
+        **({"protocol": protocol} if protocol is not None else {}),
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
