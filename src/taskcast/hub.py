@@ -79,7 +79,7 @@ class Watcher:
     """One client's view: the newest undelivered state per task, and a wake-up event."""
 
     __slots__ = ("pending", "known", "claimed", "ended", "missing", "closed", "close_reason",
-                 "_wake", "_metrics")
+                 "_loop", "_waiter", "_metrics")
 
     def __init__(self, metrics: Metrics) -> None:
         self.pending: dict[int, TaskState] = {}
@@ -90,8 +90,16 @@ class Watcher:
         self.missing: set[int] = set()
         self.closed = False
         self.close_reason = ""
-        self._wake = asyncio.Event()
+        # A bare future rather than an asyncio.Event (which carries a deque): this object
+        # exists once per connection, and thousands of idle connections add up.
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
         self._metrics = metrics
+
+    def _wake_up(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def claim(self, task_id: int, version: int) -> None:
         """The client already holds `version` (e.g. from Last-Event-ID): start after it."""
@@ -116,11 +124,11 @@ class Watcher:
         if task_id in self.pending:
             self._metrics.conflated.inc()
         self.pending[task_id] = state
-        self._wake.set()
+        self._wake_up()
 
     def offer_missing(self, task_id: int) -> None:
         self.missing.add(task_id)
-        self._wake.set()
+        self._wake_up()
 
     def forget(self, task_id: int) -> None:
         self.pending.pop(task_id, None)
@@ -131,12 +139,12 @@ class Watcher:
 
     def poke(self) -> None:
         """Wake the sender for something other than a task state (a control frame)."""
-        self._wake.set()
+        self._wake_up()
 
     def close(self, reason: str) -> None:
         if not self.closed:
             self.closed, self.close_reason = True, reason
-            self._wake.set()
+            self._wake_up()
 
     async def next_batch(self) -> list[TaskState]:
         """The pending states in arrival order; [] when woken by poke() or close().
@@ -145,8 +153,11 @@ class Watcher:
         watchers (streams.py), so an idle client costs no timer at all.
         """
         if not self.pending and not self.closed and not self.missing:
-            self._wake.clear()
-            await self._wake.wait()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         if not self.pending:
             return []
         batch = list(self.pending.values())

@@ -51,7 +51,7 @@ class TaskEventStream:
     """The ASGI response of one SSE connection: watches its tasks and writes their frames.
 
     The loop runs in the request's own task (no generator layer between a wake-up and its
-    write); a second task only waits for the client to disconnect.
+    write); see streams.py for how a departed client is noticed.
     """
 
     def __init__(self, hub: Hub, streams: OpenStreams, settings: Settings, watcher: Watcher,
@@ -72,8 +72,13 @@ class TaskEventStream:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         loop = asyncio.get_running_loop()
-        stream = OpenStream(self.watcher, scope, asyncio.current_task())
-        listener = loop.create_task(self._until_disconnect(receive))
+        # Unwrapped, uvicorn's `send` belongs to an object with a `disconnected` flag that the
+        # sweeper polls; otherwise a task waits for the disconnect message.
+        cycle = getattr(send, "__self__", None)
+        if not isinstance(getattr(cycle, "disconnected", None), bool):
+            cycle = None
+        stream = OpenStream(self.watcher, scope, asyncio.current_task(), cycle)
+        listener = None if cycle else loop.create_task(self._until_disconnect(receive))
         gauge = self.hub.metrics.connections.labels("sse")
         gauge.inc()
         self.streams.add(stream)
@@ -90,7 +95,8 @@ class TaskEventStream:
             pass  # the client went away (servers on ASGI 2.4 raise on a send after that)
         finally:
             self.hub.unwatch(self.watcher, self.task_ids)
-            listener.cancel()
+            if listener is not None:
+                listener.cancel()
             self.streams.discard(stream)
             gauge.dec()
 

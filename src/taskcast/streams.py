@@ -2,14 +2,17 @@
 
 Per-connection timers are what made the first SSE design expensive (a task group, a ping task,
 a shutdown listener and a timeout scope around every write, per client; see bench/README.md).
-Here each stream costs its request task plus one task that waits for the disconnect, and one
-registry per process does the periodic work for all of them:
+Here each stream costs its request task alone (plus, under servers other than uvicorn, one
+task that waits for the disconnect), and one registry per process does the periodic work for
+all of them:
 
 * keep-alive: every `keepalive_s` it wakes the streams that sent nothing since the last tick,
   and they write a comment;
 * slow clients: a write that has not returned after `send_timeout_s` means the client stopped
   reading; its connection is aborted (or, under a server we cannot abort through, its task is
   cancelled), which frees the buffered bytes at once;
+* departed clients: under uvicorn it reads each connection's `disconnected` flag, so a stream
+  needs no task of its own waiting for the disconnect message (a second or so of delay);
 * shutdown: it waits, once, for the shutdown signal sse-starlette already detects for the
   process (uvicorn's exit, or AppStatus.should_exit), then ends every stream cleanly.
 """
@@ -30,13 +33,16 @@ logger = logging.getLogger(__name__)
 
 
 class OpenStream:
-    __slots__ = ("watcher", "scope", "task", "sending_since", "active", "aborted")
+    __slots__ = ("watcher", "scope", "task", "cycle", "sending_since", "active", "aborted")
 
     def __init__(self, watcher: Watcher, scope: MutableMapping[str, Any],
-                 task: asyncio.Task[Any] | None) -> None:
+                 task: asyncio.Task[Any] | None, cycle: Any = None) -> None:
         self.watcher = watcher
         self.scope = scope
         self.task = task
+        # uvicorn's per-request object, whose `disconnected` flag the sweeper reads; None under
+        # other servers, where a task per stream waits for the disconnect message instead.
+        self.cycle = cycle
         self.sending_since = 0.0  # loop time when the current write started; 0 when idle
         self.active = False  # wrote something since the last keep-alive tick
         self.aborted = False
@@ -94,6 +100,8 @@ class OpenStreams:
                 since = stream.sending_since
                 if since and not stream.aborted and now - since > self.send_timeout_s:
                     self._drop_slow(stream)
+                elif stream.cycle is not None and stream.cycle.disconnected:
+                    stream.watcher.close("client left")
 
     def _drop_slow(self, stream: OpenStream) -> None:
         stream.aborted = True
