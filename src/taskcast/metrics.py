@@ -5,6 +5,8 @@ Each app owns its registry, so several gateways in one process (tests) do not co
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,7 +14,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -40,10 +44,10 @@ class Metrics:
             "taskcast_events_malformed", "Pub/sub messages that were not a task object",
             registry=r,
         )
-        self.deliveries = Counter(
-            "taskcast_messages_delivered", "Task states written to clients", ["transport"],
-            registry=r,
-        )
+        # Counted on every write, so a plain int per transport instead of a locked Counter;
+        # exported through _DeliveryCollector below.
+        self.delivered: dict[str, int] = {"sse": 0, "ws": 0}
+        r.register(_DeliveryCollector(self.delivered))
         self.conflated = Counter(
             "taskcast_updates_conflated",
             "Progress states replaced by a newer one before a slow client took them", registry=r,
@@ -62,6 +66,18 @@ class Metrics:
         self.redis_reconnects = Counter(
             "taskcast_redis_reconnects", "Pub/sub connections re-established", registry=r
         )
+
+
+class _DeliveryCollector(Collector):
+    def __init__(self, delivered: dict[str, int]) -> None:
+        self.delivered = delivered
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("taskcast_messages_delivered",
+                                     "Task states written to clients", labels=["transport"])
+        for transport, count in self.delivered.items():
+            family.add_metric([transport], count)
+        yield family
 
 
 async def metrics_endpoint(request: Request) -> Response:

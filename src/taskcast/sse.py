@@ -105,7 +105,7 @@ class TaskEventStream:
         """Write states until every task is finished or the stream is closed; returns the
         closing event to write, if any."""
         hub, watcher, include = self.hub, self.watcher, self.include
-        delivered = hub.metrics.deliveries.labels("sse")
+        delivered = hub.metrics.delivered
         unfinished = set(self.task_ids)
         await self._write(send, stream, loop,
                           ServerSentEvent(retry=self.settings.sse_retry_ms, sep="\n").encode())
@@ -117,7 +117,7 @@ class TaskEventStream:
                         unfinished.discard(state.task_id)
                 await self._write(send, stream, loop,
                                   b"".join([state.sse_frame(include) for state in batch]))
-                delivered.inc(len(batch))
+                delivered["sse"] += len(batch)
             if watcher.claimed:
                 # A client may already hold a terminal state (Last-Event-ID) that the hub
                 # learns only now, e.g. after Redis came back: nothing newer will come for it.

@@ -150,14 +150,14 @@ class Session:
 
     async def send_loop(self) -> None:
         """Writes replies and task states until closed; a write that takes too long closes."""
-        deliveries = self.hub.metrics.deliveries.labels("ws")
+        delivered = self.hub.metrics.delivered
         while not self.watcher.closed:
             batch = await self.watcher.next_batch()
             while self.replies:
                 await self._send(self.replies.popleft())
             for state in batch:
                 await self._send(state.ws_frame(self.include))
-                deliveries.inc()
+                delivered["ws"] += 1
                 if state.terminal:
                     # Nothing can follow a terminal state: release the Redis subscription,
                     # and forget the task so that subscribing again sends its state again.
