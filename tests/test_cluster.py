@@ -967,3 +967,17 @@ async def test_after_the_whole_cluster_was_down_a_lost_event_is_still_recovered(
                 await gateway_redis.aclose()
         await asyncio.to_thread(revive, cluster)
         await asyncio.to_thread(cluster.wait_ok, RUN_BOUND_S)
+
+
+async def test_many_concurrent_creates_on_a_cold_cluster_producer_all_succeed(
+    healthy_cluster: RedisClusterNodes, prefix: str
+) -> None:
+    """A new client, a flushed script cache and 300 creates at once: every one succeeds and
+    no create is reported as EXISTS although it was written."""
+    cluster = healthy_cluster
+    for node in cluster.nodes:
+        await asyncio.to_thread(node.cli, "SCRIPT", "FLUSH")
+    async with producer_on(cluster, prefix) as producer:
+        async with asyncio.timeout(RUN_BOUND_S):
+            created = await asyncio.gather(*(producer.create() for _ in range(300)))
+    assert sorted(task.task_id for task in created) == list(range(1, 301))

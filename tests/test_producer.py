@@ -657,3 +657,32 @@ def test_cli_complete_image_file_base64_encodes_the_file(
     done = ok_json(taskcast(redis_server, prefix, "complete", "6", "--image-file", str(image)))
     assert done["image"]["image_base64"] == base64.b64encode(image.read_bytes()).decode()
     assert ok_json(taskcast(redis_server, prefix, "get", "6")) == done
+
+
+async def test_a_create_that_finds_its_allocated_id_taken_returns_that_record(
+    redis: aioredis.Redis, prefix: str, keys: TaskKeys
+) -> None:
+    """What a create re-sent after a dropped reply looks like: the id INCR handed out already
+    has its record. Nobody else can hold that id, so the record is the create's result."""
+    producer = Producer(redis, prefix=prefix)
+    async with asyncio.timeout(TIMEOUT):
+        await redis.set(keys.id_counter, 4)
+        earlier = await producer.create(task_id=5, type="txt2img", angle="front")
+        again = await producer.create(type="txt2img", angle="front")
+        assert again == earlier
+        with pytest.raises(TransitionRejected) as refused:  # an explicit id stays strict
+            await producer.create(task_id=5)
+        assert refused.value.reason == "EXISTS"
+
+
+async def test_many_concurrent_first_creates_on_a_new_producer_all_succeed(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    producer = Producer.from_url(redis_server.url, prefix=prefix)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await producer.redis.script_flush()  # every call would otherwise race to load it
+            created = await asyncio.gather(*(producer.create() for _ in range(200)))
+        assert sorted(task.task_id for task in created) == list(range(1, 201))
+    finally:
+        await producer.close()

@@ -66,7 +66,8 @@ def connect(
             _plain_url(url),
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            max_connections=max_connections,
+            # Per node, and not a blocking pool: past it redis-py raises at once.
+            max_connections=max(max_connections, 500),
         )
         return cluster
     # A blocking pool: a burst of requests waits (up to `timeout`) for one of a bounded set of

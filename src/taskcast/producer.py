@@ -11,6 +11,7 @@ A refused change raises TransitionRejected (or TaskNotFound) and leaves the reco
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
@@ -19,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from taskcast.connection import connect, connect_sync, is_cluster_url
-from taskcast.errors import StoreUnavailable, TaskNotFound
+from taskcast.errors import StoreUnavailable, TaskNotFound, TransitionRejected
 from taskcast.keys import DEFAULT_PREFIX, TaskKeys
 from taskcast.models import RECORD_FIELDS, Task, TaskStatus
 from taskcast.script import rejection_from, script_source
@@ -72,6 +73,8 @@ class Producer:
         self.redis = redis
         self._changes = _Changes(prefix, retention_s, sharded)
         self._script = redis.register_script(script_source())
+        self._script_loaded = False
+        self._script_lock: asyncio.Lock | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Producer:
@@ -84,12 +87,33 @@ class Producer:
 
     async def create(self, *, task_id: int | None = None, type: str = "", angle: str = "") -> Task:
         """Create a submitted task; without `task_id` the next id is allocated in Redis."""
-        if task_id is None:
-            try:
-                task_id = int(await self.redis.incr(self._changes.keys.id_counter))
-            except STORE_ERRORS as exc:
-                raise StoreUnavailable(f"allocating a task id failed: {exc}") from exc
-        return await self._run("create", task_id, {"type": type, "angle": angle})
+        if task_id is not None:
+            return await self._run("create", task_id, {"type": type, "angle": angle})
+        if not self._script_loaded:
+            await self._load_script()
+        try:
+            task_id = int(await self.redis.incr(self._changes.keys.id_counter))
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"allocating a task id failed: {exc}") from exc
+        try:
+            return await self._run("create", task_id, {"type": type, "angle": angle})
+        except TransitionRejected as exc:
+            if exc.reason != "EXISTS":
+                raise
+            # Nobody else holds an id INCR gave us: this is our own create, sent again by
+            # redis-py after the connection dropped before its reply. It did happen.
+            return await self.get(task_id)
+
+    async def get(self, task_id: int) -> Task:
+        """The current record; raises TaskNotFound when there is none."""
+        try:
+            values = await self.redis.hmget(self._changes.keys.record(task_id), RECORD_FIELDS)
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
+        task = Task.from_hmget(task_id, RECORD_FIELDS, values)
+        if task is None:
+            raise TaskNotFound(task_id)
+        return task
 
     async def progress(
         self, task_id: int, progress: int, *, status: TaskStatus = TaskStatus.PROCESSING
@@ -112,7 +136,28 @@ class Producer:
         """Any change the contract allows (status, progress, image_*, error_message)."""
         return await self._run("update", task_id, fields)
 
+    async def _load_script(self) -> None:
+        """Before the first command: set the client up and SCRIPT LOAD (on every primary of a
+        cluster), once, while concurrent first calls wait.
+
+        Otherwise each of many concurrent first calls gets NOSCRIPT and loads the script
+        itself, which on a cluster exhausted the connection pool in the benchmark, and a cold
+        cluster client's lazy start-up races under a burst of first commands."""
+        if self._script_lock is None:
+            self._script_lock = asyncio.Lock()
+        async with self._script_lock:
+            if self._script_loaded:
+                return
+            try:
+                await self.redis.initialize()
+                await self.redis.script_load(script_source())
+            except STORE_ERRORS as exc:
+                raise StoreUnavailable(f"loading the update script failed: {exc}") from exc
+            self._script_loaded = True
+
     async def _run(self, op: str, task_id: int, fields: dict[str, Any]) -> Task:
+        if not self._script_loaded:
+            await self._load_script()
         document = self._changes.document(op, task_id, fields)
         try:
             reply = await self._script(keys=self._changes.script_keys(task_id), args=[document])
