@@ -675,6 +675,18 @@ async def test_a_create_that_finds_its_allocated_id_taken_returns_that_record(
         assert refused.value.reason == "EXISTS"
 
 
+def test_a_sync_create_that_finds_its_allocated_id_taken_returns_that_record(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    producer = SyncProducer.from_url(redis_server.url, prefix=prefix)
+    try:
+        producer.redis.set(TaskKeys(prefix).id_counter, 6)
+        earlier = producer.create(task_id=7, type="txt2img")
+        assert producer.create(type="txt2img") == earlier
+    finally:
+        producer.close()
+
+
 async def test_many_concurrent_first_creates_on_a_new_producer_all_succeed(
     redis_server: RedisServer, prefix: str
 ) -> None:

@@ -192,12 +192,18 @@ class SyncProducer:
         self.redis.close()
 
     def create(self, *, task_id: int | None = None, type: str = "", angle: str = "") -> Task:
-        if task_id is None:
-            try:
-                task_id = int(self.redis.incr(self._changes.keys.id_counter))
-            except STORE_ERRORS as exc:
-                raise StoreUnavailable(f"allocating a task id failed: {exc}") from exc
-        return self._run("create", task_id, {"type": type, "angle": angle})
+        if task_id is not None:
+            return self._run("create", task_id, {"type": type, "angle": angle})
+        try:
+            task_id = int(self.redis.incr(self._changes.keys.id_counter))
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"allocating a task id failed: {exc}") from exc
+        try:
+            return self._run("create", task_id, {"type": type, "angle": angle})
+        except TransitionRejected as exc:
+            if exc.reason != "EXISTS":
+                raise
+            return self.get(task_id)  # our own create, re-sent: see Producer.create
 
     def progress(
         self, task_id: int, progress: int, *, status: TaskStatus = TaskStatus.PROCESSING
