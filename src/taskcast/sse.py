@@ -87,10 +87,12 @@ class TaskEventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             last = await self._pump(send, stream, loop)
-            if last and not stream.aborted:
-                await self._write(send, stream, loop, last)
             if not stream.aborted:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # The last frames and the end of the body in one write.
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+                # Let the other streams woken by the same terminal state write theirs before
+                # this one spends time on its teardown.
+                await asyncio.sleep(0)
         except OSError:
             pass  # the client went away (servers on ASGI 2.4 raise on a send after that)
         finally:
@@ -102,8 +104,9 @@ class TaskEventStream:
 
     async def _pump(self, send: Send, stream: OpenStream, loop: asyncio.AbstractEventLoop
                     ) -> bytes:
-        """Write states until every task is finished or the stream is closed; returns the
-        closing event to write, if any."""
+        """Write states until every task is finished or the stream is closed; returns what
+        the last write carries: the terminal frames (and `event: end`), a closing event, or
+        nothing."""
         hub, watcher, include = self.hub, self.watcher, self.include
         delivered = hub.metrics.delivered
         unfinished = set(self.task_ids)
@@ -115,9 +118,11 @@ class TaskEventStream:
                 for state in batch:
                     if state.terminal:
                         unfinished.discard(state.task_id)
-                await self._write(send, stream, loop,
-                                  b"".join([state.sse_frame(include) for state in batch]))
+                frames = b"".join([state.sse_frame(include) for state in batch])
                 delivered["sse"] += len(batch)
+                if not unfinished:  # the stream's last write also ends it (see __call__)
+                    return frames + STREAM_END if self.end_event else frames
+                await self._write(send, stream, loop, frames)
             if watcher.claimed:
                 # A client may already hold a terminal state (Last-Event-ID) that the hub
                 # learns only now, e.g. after Redis came back: nothing newer will come for it.
