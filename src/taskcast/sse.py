@@ -89,7 +89,7 @@ class TaskEventStream:
             last = await self._pump(send, stream, loop)
             if not stream.aborted:
                 # The last frames and the end of the body in one write.
-                await send({"type": "http.response.body", "body": last, "more_body": False})
+                await self._write(send, stream, loop, last, more_body=False)
                 # Let the other streams woken by the same terminal state write theirs before
                 # this one spends time on its teardown.
                 await asyncio.sleep(0)
@@ -141,10 +141,10 @@ class TaskEventStream:
 
     @staticmethod
     async def _write(send: Send, stream: OpenStream, loop: asyncio.AbstractEventLoop,
-                     chunk: bytes) -> None:
+                     chunk: bytes, more_body: bool = True) -> None:
         # The sweeper in streams.py reads sending_since to find writes that never return.
         stream.sending_since = loop.time()
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": chunk, "more_body": more_body})
         stream.sending_since = 0.0
         stream.active = True
 
