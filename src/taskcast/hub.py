@@ -41,45 +41,49 @@ logger = logging.getLogger(__name__)
 class TaskState:
     """One version of a task with its encodings, built lazily and shared by all watchers."""
 
-    __slots__ = ("task", "task_id", "terminal", "_frames", "_ws_frames")
+    __slots__ = ("task", "task_id", "terminal", "_json", "_sse", "_ws")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         # Read on every delivery: plain attributes, not properties.
         self.task_id = task.task_id
         self.terminal = task.is_terminal
-        self._frames: dict[tuple[str, bool], bytes] = {}
-        self._ws_frames: dict[tuple[str, bool], str] = {}
+        self._json: dict[bool, bytes] = {}  # the task object, with or without image_base64
+        self._sse: dict[bool, bytes] = {}
+        self._ws: dict[bool, str] = {}
 
     @property
     def version(self) -> int:
         return self.task.version
 
+    def _task_json(self, include_image_base64: bool) -> bytes:
+        data = self._json.get(include_image_base64)
+        if data is None:
+            data = self._json[include_image_base64] = self.task.to_json(
+                include_image_base64=include_image_base64)
+        return data
+
     def sse_frame(self, include_image_base64: bool) -> bytes:
-        key = ("sse", include_image_base64)
-        frame = self._frames.get(key)
+        frame = self._sse.get(include_image_base64)
         if frame is None:
-            data = self.task.to_json(include_image_base64=include_image_base64)
-            frame = b"id: %d\ndata: %s\n\n" % (self.task.version, data)
-            self._frames[key] = frame
+            frame = self._sse[include_image_base64] = b"id: %d\ndata: %s\n\n" % (
+                self.task.version, self._task_json(include_image_base64))
         return frame
 
     def ws_frame(self, include_image_base64: bool) -> str:
         """ASGI takes WebSocket text frames as str, so this encoding is cached as str."""
-        key = ("ws", include_image_base64)
-        frame = self._ws_frames.get(key)
+        frame = self._ws.get(include_image_base64)
         if frame is None:
-            data = self.task.to_json(include_image_base64=include_image_base64)
-            frame = '{"type":"task","data":' + data.decode() + '}'
-            self._ws_frames[key] = frame
+            frame = self._ws[include_image_base64] = (
+                '{"type":"task","data":' + self._task_json(include_image_base64).decode() + "}")
         return frame
 
 
 class Watcher:
     """One client's view: the newest undelivered state per task, and a wake-up event."""
 
-    __slots__ = ("pending", "known", "claimed", "ended", "missing", "closed", "close_reason",
-                 "_loop", "_waiter", "_metrics")
+    __slots__ = ("pending", "known", "claimed", "ended", "missing", "closed", "_loop",
+                 "_waiter", "_metrics")
 
     def __init__(self, metrics: Metrics) -> None:
         self.pending: dict[int, TaskState] = {}
@@ -89,7 +93,6 @@ class Watcher:
         self.ended: set[int] = set()  # tasks whose terminal state this watcher was given
         self.missing: set[int] = set()
         self.closed = False
-        self.close_reason = ""
         # A bare future rather than an asyncio.Event (which carries a deque): this object
         # exists once per connection, and thousands of idle connections add up.
         self._loop = asyncio.get_running_loop()
@@ -143,7 +146,8 @@ class Watcher:
 
     def close(self, reason: str) -> None:
         if not self.closed:
-            self.closed, self.close_reason = True, reason
+            self.closed = True
+            logger.debug("watcher closed: %s", reason)
             self._wake_up()
 
     async def next_batch(self) -> list[TaskState]:

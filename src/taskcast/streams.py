@@ -20,7 +20,6 @@ all of them:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import MutableMapping
 from typing import Any
@@ -127,5 +126,3 @@ class OpenStreams:
                 await asyncio.sleep(0.5)
         logger.info("shutting down: ending %d SSE streams", len(self._streams))
         self.close_all("shutdown")
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.Event().wait()  # stay done; close() cancels this
