@@ -135,12 +135,16 @@ class Session:
                 self.hub.watch(self.watcher, task_id, current.get(task_id))
 
     def unsubscribe(self, task_ids: list[int]) -> None:
-        gone = [task_id for task_id in dict.fromkeys(task_ids) if task_id in self.subscribed]
-        self.hub.unwatch(self.watcher, gone)
-        for task_id in gone:
+        self._drop([task_id for task_id in dict.fromkeys(task_ids) if task_id in self.subscribed])
+        self.reply({"type": "unsubscribed", "task_ids": list(dict.fromkeys(task_ids))})
+
+    def _drop(self, task_ids: list[int]) -> None:
+        """Stop following tasks: release their Redis subscriptions and forget what was sent,
+        so that subscribing again starts from the current state."""
+        self.hub.unwatch(self.watcher, task_ids)
+        for task_id in task_ids:
             self.subscribed.discard(task_id)
             self.watcher.forget(task_id)
-        self.reply({"type": "unsubscribed", "task_ids": list(dict.fromkeys(task_ids))})
 
     def release(self) -> None:
         self.hub.unwatch(self.watcher, self.subscribed)
@@ -158,12 +162,8 @@ class Session:
             for state in batch:
                 await self._send(state.ws_frame(self.include))
                 delivered["ws"] += 1
-                if state.terminal:
-                    # Nothing can follow a terminal state: release the Redis subscription,
-                    # and forget the task so that subscribing again sends its state again.
-                    self.hub.unwatch(self.watcher, [state.task.task_id])
-                    self.subscribed.discard(state.task.task_id)
-                    self.watcher.forget(state.task.task_id)
+                if state.terminal:  # nothing can follow it
+                    self._drop([state.task_id])
                     if self.close_after_terminal:
                         self.close(CloseCode.NORMAL, "task finished")
             if self.watcher.missing:
@@ -172,10 +172,9 @@ class Session:
                 if self.close_after_terminal:
                     self.close(CloseCode.TASK_NOT_FOUND, "task not found")
                 else:
-                    for task_id in missing:
-                        self.subscribed.discard(task_id)
-                    self.hub.unwatch(self.watcher, missing)
-                    await self._send(orjson.dumps({"type": "error", "code": 404,
+                    self._drop(missing)
+                    await self._send(orjson.dumps({"type": "error",
+                                                   "code": int(ErrorCode.NOT_FOUND),
                                                    "msg": "task not found",
                                                    "task_ids": missing}).decode())
 
