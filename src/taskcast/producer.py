@@ -24,7 +24,7 @@ from taskcast.errors import StoreUnavailable, TaskNotFound, TransitionRejected
 from taskcast.keys import DEFAULT_PREFIX, TaskKeys
 from taskcast.models import RECORD_FIELDS, Task, TaskStatus
 from taskcast.script import rejection_from, script_source
-from taskcast.store import STORE_ERRORS
+from taskcast.store import STORE_ERRORS, TaskStore
 
 DEFAULT_RETENTION_S = 86_400
 
@@ -106,11 +106,7 @@ class Producer:
 
     async def get(self, task_id: int) -> Task:
         """The current record; raises TaskNotFound when there is none."""
-        try:
-            values = await self.redis.hmget(self._changes.keys.record(task_id), RECORD_FIELDS)
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
-        task = Task.from_hmget(task_id, RECORD_FIELDS, values)
+        task = await TaskStore(self.redis, self._changes.keys).get(task_id)
         if task is None:
             raise TaskNotFound(task_id)
         return task

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
@@ -35,15 +37,19 @@ class TaskStore:
             raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
         return Task.from_hmget(task_id, fields, values)
 
-    async def get_many(self, task_ids: list[int]) -> dict[int, Task | None]:
-        """Several records in one round trip (a pipeline without MULTI)."""
+    async def _hmget_many(self, task_ids: list[int], fields: Sequence[str]) -> list[Any]:
+        """HMGET of the same fields from several records in one round trip (no MULTI)."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for task_id in task_ids:
-                    pipe.hmget(self.keys.record(task_id), RECORD_FIELDS)
-                replies = await pipe.execute()
+                    pipe.hmget(self.keys.record(task_id), fields)
+                return list(await pipe.execute())
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"reading {len(task_ids)} tasks failed: {exc}") from exc
+
+    async def get_many(self, task_ids: list[int]) -> dict[int, Task | None]:
+        """Several records in one round trip."""
+        replies = await self._hmget_many(task_ids, RECORD_FIELDS)
         tasks: dict[int, Task | None] = {}
         for task_id, values in zip(task_ids, replies, strict=True):
             try:
@@ -55,13 +61,7 @@ class TaskStore:
     async def versions(self, task_ids: list[int]) -> dict[int, tuple[int, bool] | None]:
         """Only (version, finished) per record (None: no record; version -1: unreadable), in
         one round trip: a cheap way to learn which of many watched records changed."""
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for task_id in task_ids:
-                    pipe.hmget(self.keys.record(task_id), ["version", "status"])
-                replies = await pipe.execute()
-        except STORE_ERRORS as exc:
-            raise StoreUnavailable(f"reading {len(task_ids)} versions failed: {exc}") from exc
+        replies = await self._hmget_many(task_ids, ("version", "status"))
         found: dict[int, tuple[int, bool] | None] = {}
         for task_id, (version, status) in zip(task_ids, replies, strict=True):
             if version is None and status is None:
