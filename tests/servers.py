@@ -113,14 +113,15 @@ class Gateway:
 
 
 @asynccontextmanager
-async def run_gateway(settings: Settings, port: int | None = None) -> AsyncIterator[Gateway]:
+async def run_gateway(settings: Settings, port: int | None = None, **uvicorn_overrides: object
+                      ) -> AsyncIterator[Gateway]:
     """A real uvicorn serving the app on 127.0.0.1, in the test's event loop."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port or 0))
     bound_port = int(sock.getsockname()[1])
     app = create_app(settings)
-    config = uvicorn_config(app, settings, log_level="warning")
+    config = uvicorn_config(app, settings, **{"log_level": "warning", **uvicorn_overrides})
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -43,7 +43,9 @@ HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),
-    (b"connection", b"keep-alive"),
+    # One response per connection: the stream's end is the connection's end, so no client
+    # sends a next request on it while the server is about to close it (see DeferredCloser).
+    (b"connection", b"close"),
 ]
 
 
@@ -86,10 +88,18 @@ class TaskEventStream:
             self.hub.watch(self.watcher, task_id, task)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            stream.take_over_close()
             last = await self._pump(send, stream, loop)
             if not stream.aborted:
+                transport = stream.transport
+                if transport is not None:
+                    # The client's FIN now waits for DeferredCloser instead of being handled
+                    # (read, close, bookkeeping) in the middle of other streams' deliveries.
+                    transport.pause_reading()
                 # The last frames and the end of the body in one write.
                 await self._write(send, stream, loop, last, more_body=False)
+                if transport is not None:
+                    self.streams.closer.add(transport)
                 # Let the other streams woken by the same terminal state write theirs before
                 # this one spends time on its teardown.
                 await asyncio.sleep(0)

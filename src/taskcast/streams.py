@@ -14,13 +14,18 @@ all of them:
 * departed clients: under uvicorn it reads each connection's `disconnected` flag, so a stream
   needs no task of its own waiting for the disconnect message (a second or so of delay);
 * shutdown: it waits, once, for the shutdown signal sse-starlette already detects for the
-  process (uvicorn's exit, or AppStatus.should_exit), then ends every stream cleanly.
+  process (uvicorn's exit, or AppStatus.should_exit), then ends every stream cleanly;
+* closing finished connections: a stream's response says `Connection: close`, and under uvicorn
+  the connection is not closed the moment the body ends but handed to one closer task that
+  closes such connections a few dozen at a time, between deliveries (see DeferredCloser).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -32,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 class OpenStream:
-    __slots__ = ("watcher", "scope", "task", "cycle", "sending_since", "active", "aborted")
+    __slots__ = ("watcher", "scope", "task", "cycle", "transport", "sending_since", "active",
+                 "aborted")
 
     def __init__(self, watcher: Watcher, scope: MutableMapping[str, Any],
                  task: asyncio.Task[Any] | None, cycle: Any = None) -> None:
@@ -42,9 +48,100 @@ class OpenStream:
         # uvicorn's per-request object, whose `disconnected` flag the sweeper reads; None under
         # other servers, where a task per stream waits for the disconnect message instead.
         self.cycle = cycle
+        # Set by take_over_close(): the connection this process closes itself, after the body.
+        self.transport: asyncio.Transport | None = None
         self.sending_since = 0.0  # loop time when the current write started; 0 when idle
         self.active = False  # wrote something since the last keep-alive tick
         self.aborted = False
+
+    def take_over_close(self) -> None:
+        """Called once the response head (which says `Connection: close`) is sent.
+
+        uvicorn reads that header and would close the connection inside the send that ends the
+        body. Telling it to keep the connection (its cycle's `keep_alive` flag) leaves the close
+        to DeferredCloser instead. Clients still see `Connection: close` and never reuse the
+        connection. Under another server, or a uvicorn without these attributes, nothing
+        changes and the server closes at the end of the body as usual.
+        """
+        cycle = self.cycle
+        transport = getattr(cycle, "transport", None)
+        if (isinstance(getattr(cycle, "keep_alive", None), bool)
+                and callable(getattr(transport, "pause_reading", None))
+                and callable(getattr(transport, "is_closing", None))):
+            cycle.keep_alive = True
+            self.transport = transport
+
+
+class DeferredCloser:
+    """Closes the connections of finished streams after the deliveries of the moment.
+
+    Why: when many tasks finish together, every one of their streams ends at once, and closing
+    a TCP connection (reading the client's FIN, the close and epoll syscalls, the server's
+    bookkeeping) costs a gateway about as much CPU as delivering the terminal state itself.
+    Done inline, the closes of the first streams delay the terminal states of the later ones:
+    in the issue-3 benchmark, where 500 tasks finish within 0.25 s, that made the completion
+    burst the whole latency tail (terminal-state p99 up to ~100 ms, see bench/README.md).
+
+    So a finished stream stops reading from its connection (a client's FIN then costs nothing
+    until the close) and queues the transport here. One task closes them: none while streams
+    are still ending (a tick in which one was queued), then at most `per_tick` every `tick_s`,
+    which caps the share of the CPU closes take from deliveries; whatever has waited
+    `max_delay_s` is closed at once, which bounds how long a finished connection lives. On
+    shutdown everything queued is closed at once.
+    """
+
+    def __init__(self, per_tick: int = 50, tick_s: float = 0.01, max_delay_s: float = 1.0
+                 ) -> None:
+        self.per_tick = per_tick
+        self.tick_s = tick_s
+        self.max_delay_s = max_delay_s
+        self._queue: deque[tuple[float, asyncio.Transport]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._now = False  # shutting down: close at once
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, transport: asyncio.Transport) -> None:
+        if transport.is_closing():
+            return
+        if self._now:
+            transport.close()
+            return
+        self._queue.append((time.monotonic(), transport))
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def close_all(self) -> None:
+        """From now on close at once (shutdown), including what is queued."""
+        self._now = True
+        while self._queue:
+            self._close(self._queue.popleft()[1])
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wakeup = loop.create_future()
+                await self._wakeup
+                self._wakeup = None
+            await asyncio.sleep(self.tick_s)
+            if not queue:  # close_all() emptied it meanwhile
+                continue
+            now = time.monotonic()
+            # Streams still ending in the last tick: a burst is going on, so only the overdue.
+            budget = 0 if queue[-1][0] > now - self.tick_s else self.per_tick
+            overdue = now - self.max_delay_s
+            closed = 0
+            while queue and (closed < budget or queue[0][0] <= overdue):
+                self._close(queue.popleft()[1])
+                closed += 1
+
+    @staticmethod
+    def _close(transport: asyncio.Transport) -> None:
+        if not transport.is_closing():
+            transport.close()
 
 
 class OpenStreams:
@@ -54,6 +151,7 @@ class OpenStreams:
         self.send_timeout_s = send_timeout_s
         self._streams: set[OpenStream] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self.closer = DeferredCloser()
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -69,12 +167,14 @@ class OpenStreams:
             asyncio.create_task(self._keepalive(), name="taskcast-sse-keepalive"),
             asyncio.create_task(self._sweep(), name="taskcast-sse-sweeper"),
             asyncio.create_task(self._end_on_shutdown(), name="taskcast-sse-shutdown"),
+            asyncio.create_task(self.closer.run(), name="taskcast-sse-closer"),
         ]
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.closer.close_all()
 
     def close_all(self, reason: str) -> None:
         for stream in list(self._streams):
@@ -125,4 +225,5 @@ class OpenStreams:
             while not AppStatus.should_exit:
                 await asyncio.sleep(0.5)
         logger.info("shutting down: ending %d SSE streams", len(self._streams))
+        self.closer.close_all()
         self.close_all("shutdown")
