@@ -16,6 +16,9 @@ is never lost. How:
   re-read every `resync_interval_s`: a lost last event is delivered at the latest then.
 * Each state is decoded once per process and encoded once per output format (TaskState caches
   the frames), and every watcher of the task shares those bytes.
+* A watcher whose client is idle and caught up may hand a state straight to its transport
+  (its `sink`, see DirectSink) instead of waking the client's task for it; the terminal state
+  and everything else take the ordinary path below.
 * Each watcher has one pending slot per task. A newer state replaces an older one that the
   client has not taken yet (conflation, counted); since the terminal state is the last version
   of a task, nothing can replace it, so it is never dropped. A watcher's memory is therefore
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 from taskcast.broker import Broker
 from taskcast.errors import StoreUnavailable
@@ -49,7 +53,7 @@ class TaskState:
         self.task_id = task.task_id
         self.terminal = task.is_terminal
         self._json: dict[bool, bytes] = {}  # the task object, with or without image_base64
-        self._sse: dict[bool, bytes] = {}
+        self._sse: dict[int, bytes] = {}  # frames by include flag; chunks at 2 + flag
         self._ws: dict[bool, str] = {}
 
     @property
@@ -70,6 +74,15 @@ class TaskState:
                 self.task.version, self._task_json(include_image_base64))
         return frame
 
+    def sse_chunk(self, include_image_base64: bool) -> bytes:
+        """The SSE frame as one HTTP/1.1 chunk, for sinks that write to the connection."""
+        key = 2 + include_image_base64  # cached beside the bare frames
+        chunk = self._sse.get(key)
+        if chunk is None:
+            frame = self.sse_frame(include_image_base64)
+            chunk = self._sse[key] = b"%x\r\n%b\r\n" % (len(frame), frame)
+        return chunk
+
     def ws_frame(self, include_image_base64: bool) -> str:
         """ASGI takes WebSocket text frames as str, so this encoding is cached as str."""
         frame = self._ws.get(include_image_base64)
@@ -79,10 +92,16 @@ class TaskState:
         return frame
 
 
+class DirectSink(Protocol):
+    def push(self, state: TaskState) -> bool:
+        """Write the state to the client now, or return False to leave it to the client's
+        task (e.g. bytes are still buffered for a slow client)."""
+
+
 class Watcher:
     """One client's view: the newest undelivered state per task, and a wake-up event."""
 
-    __slots__ = ("pending", "known", "claimed", "ended", "missing", "closed", "_loop",
+    __slots__ = ("pending", "known", "claimed", "ended", "missing", "closed", "sink", "_loop",
                  "_waiter", "_metrics")
 
     def __init__(self, metrics: Metrics) -> None:
@@ -93,6 +112,10 @@ class Watcher:
         self.ended: set[int] = set()  # tasks whose terminal state this watcher was given
         self.missing: set[int] = set()
         self.closed = False
+        # Set by a transport that can write a state synchronously (sse.py): used only while
+        # the client's task waits in next_batch() with nothing pending, so every earlier state
+        # is already written and order is kept.
+        self.sink: DirectSink | None = None
         # A bare future rather than an asyncio.Event (which carries a deque): this object
         # exists once per connection, and thousands of idle connections add up.
         self._loop = asyncio.get_running_loop()
@@ -124,6 +147,9 @@ class Watcher:
         self.known[task_id] = state.version
         if state.terminal:
             self.ended.add(task_id)
+        elif (self.sink is not None and self._waiter is not None and not self.pending
+              and self.sink.push(state)):
+            return  # written: the client's task sleeps on (one wake-up and write saved)
         if task_id in self.pending:
             self._metrics.conflated.inc()
         self.pending[task_id] = state

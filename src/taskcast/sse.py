@@ -1,7 +1,9 @@
 """Server-Sent Events (contract section 5): `/tasks/{task_id}/events` and `/events?task_id=`.
 
 Frames are encoded once per task version by the hub (TaskState.sse_frame) and written as the
-same bytes to every client; the frames of one wake-up go out in one write.
+same bytes to every client; the frames of one wake-up go out in one write. On a single-task
+stream under uvicorn, a state that finds the stream idle is written by the hub on the spot, as
+a ready-made HTTP chunk (OpenStream.push), without waking the stream's task.
 
 The stream is a lean ASGI response of our own rather than sse-starlette's EventSourceResponse:
 measured on this project's benchmark, that response's per-connection machinery (an anyio task
@@ -89,6 +91,11 @@ class TaskEventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             stream.take_over_close()
+            if len(self.task_ids) == 1:
+                # One task: a state that finds the stream idle is written on the spot (see
+                # OpenStream.push). Multi-task streams keep batching the states of one wake-up
+                # into one write.
+                stream.write_directly(self.include, self.hub.metrics.delivered)
             last = await self._pump(send, stream, loop)
             if not stream.aborted:
                 transport = stream.transport
