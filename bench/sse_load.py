@@ -165,6 +165,34 @@ def git_describe() -> dict[str, Any]:
             "taskcast_imported_from": str(Path(taskcast.__file__).parent)}
 
 
+GATEWAY_PACKAGES = ("uvicorn", "uvloop", "httptools", "starlette", "sse-starlette", "redis",
+                    "hiredis", "orjson", "prometheus-client")
+
+
+def gateway_versions(python: str) -> dict[str, str]:
+    """Python, the gateway's dependencies and redis-server, as the run used them: the project
+    does not pin versions, and per-connection memory moved between two fresh installs of the
+    same code (bench/README.md)."""
+    probe = ("import importlib.metadata as m, json, platform, sys\n"
+             "names = sys.argv[1:]\n"
+             "found = {n: m.version(n) for n in names}\n"
+             "print(json.dumps({'python': platform.python_version(), **found}))")
+    versions: dict[str, str] = {}
+    try:
+        out = subprocess.run([python, "-c", probe, *GATEWAY_PACKAGES], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+        versions.update(json.loads(out))
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        versions["error"] = f"{type(exc).__name__}: {exc}"
+    exe = shutil.which("redis-server")
+    if exe is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            line = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                                  timeout=10).stdout
+            versions["redis-server"] = line.split(" v=", 1)[-1].split()[0]
+    return versions
+
+
 def wait_quiet(timeout: float, threshold: float) -> dict[str, Any]:
     """Wait until every core stayed below `threshold` % busy for 3 s in a row (bounded)."""
     deadline = time.monotonic() + timeout
@@ -2011,6 +2039,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             "gateway_gc_threshold": args.gateway_gc_threshold or "as shipped (taskcast.cli)",
             "nofile": limits, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpus": os.cpu_count(), "gateway_python": python,
+            "versions": gateway_versions(python),
             "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
             "source": git_describe(),
             "other_benchmarks_at_start": foreign_benchmarks(ancestors()),
