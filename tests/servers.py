@@ -1,4 +1,5 @@
-"""Real servers for tests: redis-server processes on free ports and uvicorn on an unused port."""
+"""Real servers for tests: redis-server processes on free ports, uvicorn on an unused port, and
+`taskcast serve` as a process of its own."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 
@@ -24,6 +28,7 @@ from taskcast.settings import Settings
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -209,3 +214,47 @@ class RedisClusterNodes:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+# --- `taskcast serve` as a real process --------------------------------------------------------
+
+
+def clean_environ() -> dict[str, str]:
+    """The caller's environment without TASKCAST_* variables that could steer the server."""
+    return {name: value for name, value in os.environ.items()
+            if not name.startswith("TASKCAST_")}
+
+
+def start_serve(args: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None
+                ) -> subprocess.Popen[bytes]:
+    """`python -m taskcast serve ARGS` from the repository root, its output in `log_file`;
+    `env` defaults to clean_environ()."""
+    with log_file.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "taskcast", "serve", *args],
+            cwd=ROOT, env=dict(clean_environ() if env is None else env),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+async def wait_until_answering(client: httpx.AsyncClient, process: subprocess.Popen[bytes],
+                               log_file: Path, path: str, bound_s: float) -> None:
+    """Poll `path` until it answers 200; fail with the server's log if it exits first."""
+    async with asyncio.timeout(bound_s):
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"taskcast serve exited {process.returncode}:\n"
+                            f"{log_file.read_text(errors='replace')}")
+            try:
+                if (await client.get(path)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+
+
+def kill(process: subprocess.Popen[bytes], bound_s: float) -> None:
+    """Clean-up: SIGKILL the process if it still runs, and reap it."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(bound_s)

@@ -16,9 +16,16 @@ import pytest
 from taskcast.producer import Producer
 from taskcast.settings import Settings
 from taskcast.streams import DeferredCloser
-from tests.servers import Gateway, RedisServer, free_port, run_gateway
+from tests.servers import (
+    Gateway,
+    RedisServer,
+    free_port,
+    kill,
+    run_gateway,
+    start_serve,
+    wait_until_answering,
+)
 from tests.sse_client import read_stream, stream_problems
-from tests.test_serve_command import clean_environ, start_serve, stop, wait_until_healthy
 
 BOUND_S = 20  # only against hangs
 
@@ -138,15 +145,14 @@ def serve_log(tmp_path: Path) -> Iterator[Path]:
 async def served_port(redis_server: RedisServer, prefix: str, serve_log: Path
                       ) -> AsyncIterator[int]:
     port = free_port()
-    # The later --redis-url wins over start_serve's memory://.
     process = start_serve(["--port", str(port), "--redis-url", redis_server.url,
-                           "--prefix", prefix], clean_environ(), serve_log)
+                           "--prefix", prefix], serve_log)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            await wait_until_healthy(client, process, serve_log)
+            await wait_until_answering(client, process, serve_log, "/healthz", BOUND_S)
         yield port
     finally:
-        stop(process)
+        kill(process, BOUND_S)
 
 
 async def test_taskcast_serve_closes_finished_streams_itself(

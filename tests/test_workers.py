@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,31 +21,15 @@ import pytest
 from taskcast.keys import TaskKeys
 from taskcast.models import Task
 from taskcast.producer import Producer
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisServer, free_port, kill, start_serve, wait_until_answering
 from tests.sse_client import Follower, stream_problems
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 CLIENTS = 8
 STARTUP_BOUND_S = 30
 EXIT_BOUND_S = 15
 BOUND_S = 20
 TERMINAL = ("completed", "failed")
-
-
-def clean_environ() -> dict[str, str]:
-    """The caller's environment without TASKCAST_* variables that could steer the server."""
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith("TASKCAST_")}
-
-
-def start_serve(args: list[str], log_file: Path) -> subprocess.Popen[bytes]:
-    with log_file.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "taskcast", "serve", *args],
-            cwd=ROOT, env=clean_environ(), stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def worker_pids(parent: int) -> set[int]:
@@ -78,27 +61,10 @@ def running(pid: int) -> bool:
 
 def stop(process: subprocess.Popen[bytes], workers: set[int]) -> None:
     """Clean-up after a failure: end the server and the workers this test saw, by pid."""
-    if process.poll() is None:
-        process.kill()
-        process.wait(EXIT_BOUND_S)
+    kill(process, EXIT_BOUND_S)
     for pid in workers:
         if running(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-async def wait_ready(client: httpx.AsyncClient, process: subprocess.Popen[bytes],
-                     log_file: Path) -> None:
-    async with asyncio.timeout(STARTUP_BOUND_S):
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"taskcast serve exited {process.returncode}:\n"
-                            f"{log_file.read_text(errors='replace')}")
-            try:
-                if (await client.get("/readyz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
 
 
 async def wait_workers(parent: int) -> set[int]:
@@ -125,7 +91,7 @@ async def served(args: list[str], log_file: Path
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=BOUND_S,
                                      limits=httpx.Limits(max_connections=4 * CLIENTS)) as client:
-            await wait_ready(client, process, log_file)
+            await wait_until_answering(client, process, log_file, "/readyz", STARTUP_BOUND_S)
             workers.update(await wait_workers(process.pid))
             yield process, workers, client
     finally:
