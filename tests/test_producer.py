@@ -10,8 +10,7 @@ import base64
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
@@ -26,49 +25,11 @@ from taskcast.models import Task, TaskStatus
 from taskcast.producer import Producer, SyncProducer
 from taskcast.script import script_source
 from taskcast.store import TaskStore
+from tests.channels import subscribed
 from tests.servers import REDIS_CLI, RedisServer
 
 TIMEOUT = 10.0
-SENTINEL = b"--sentinel--"
 DAY = 86_400
-
-
-class Subscription:
-    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
-        self.redis = redis
-        self.channel = channel
-        self.pubsub = redis.pubsub()
-
-    async def drain(self) -> list[bytes]:
-        """What was published so far: a sentinel published now arrives after all of it."""
-        received: list[bytes] = []
-        async with asyncio.timeout(TIMEOUT):
-            await self.redis.publish(self.channel, SENTINEL)
-            while True:
-                message = await self.pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=1.0
-                )
-                if message is None:
-                    continue
-                if message["data"] == SENTINEL:
-                    return received
-                received.append(message["data"])
-
-
-@asynccontextmanager
-async def subscribed(redis: aioredis.Redis, channel: str) -> AsyncIterator[Subscription]:
-    subscription = Subscription(redis, channel)
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            await subscription.pubsub.subscribe(channel)
-            while True:
-                message = await subscription.pubsub.get_message(timeout=1.0)
-                if message is not None and message["type"] == "subscribe":
-                    break
-        yield subscription
-    finally:
-        async with asyncio.timeout(TIMEOUT):
-            await subscription.pubsub.aclose()
 
 
 @pytest.fixture
@@ -133,7 +94,7 @@ async def test_progress_marks_processing_and_publishes_the_task(
 ) -> None:
     async with asyncio.timeout(TIMEOUT):
         task = await producer.create(type="txt2img")
-        async with subscribed(redis, keys.channel(task.task_id)) as events:
+        async with subscribed(redis, [keys.channel(task.task_id)], TIMEOUT) as events:
             at_40 = await producer.progress(task.task_id, 40)
             at_75 = await producer.progress(task.task_id, 75)
             published = await events.drain()
@@ -442,7 +403,7 @@ async def test_plain_hset_and_publish_producer_is_read_by_the_store(
         "error_message": "", "version": 4, "updated_at": 1_700_000_123_456,
     }
     async with asyncio.timeout(TIMEOUT):
-        async with subscribed(redis, keys.channel(31)) as events:
+        async with subscribed(redis, [keys.channel(31)], TIMEOUT) as events:
             await redis.hset(keys.record(31), mapping=plain_record(task))
             await redis.publish(keys.channel(31), orjson.dumps(task))
             published = await events.drain()
@@ -524,7 +485,7 @@ async def test_redis_cli_evalsha_of_the_shipped_script_is_seen_by_python(
     assert len(sha) == 40
 
     record, channel = keys.record(51), keys.channel(51)
-    async with subscribed(redis, channel) as events:
+    async with subscribed(redis, [channel], TIMEOUT) as events:
         created = await run_cli(
             REDIS_CLI, "-p", port, "EVALSHA", sha, "2", record, channel,
             '{"op":"create","task_id":"51","type":"go-worker","angle":"top"}',
@@ -559,7 +520,7 @@ async def test_redis_cli_evalsha_of_a_rejected_change_prints_rejected(
         await producer.create(task_id=52)
         await producer.progress(52, 80)
         before = await record_of(redis, keys, 52)
-    async with subscribed(redis, keys.channel(52)) as events:
+    async with subscribed(redis, [keys.channel(52)], TIMEOUT) as events:
         output = await run_cli(
             REDIS_CLI, "-p", port, "EVALSHA", sha, "2", keys.record(52), keys.channel(52),
             '{"op":"update","task_id":"52","progress":10}',

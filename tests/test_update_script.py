@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -23,10 +23,10 @@ from redis.exceptions import ResponseError
 from taskcast.connection import connect, connect_sync
 from taskcast.keys import TaskKeys
 from taskcast.script import script_source
+from tests.channels import SENTINEL, Published, subscribed
 from tests.servers import RedisServer
 
 TIMEOUT = 5.0
-SENTINEL = b"--sentinel: everything before me has been delivered--"
 TASK = 7
 DEFAULT_RETENTION_S = 86_400
 TASK_KEYS = [
@@ -114,48 +114,9 @@ class ScriptStore:
         for key in before.keys:
             assert_same_ttl(before.pttl[key], after.pttl[key])
 
-    @asynccontextmanager
-    async def events(self, *task_ids: int | str) -> AsyncIterator[Events]:
+    def events(self, *task_ids: int | str) -> AbstractAsyncContextManager[Published]:
         channels = list(dict.fromkeys(self.script_keys(task_id)[1] for task_id in task_ids))
-        pubsub = self.client.pubsub()
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                await pubsub.subscribe(*channels)
-                confirmed = 0
-                while confirmed < len(channels):
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] == "subscribe":
-                        confirmed += 1
-            yield Events(self.client, pubsub, channels[0])
-        finally:
-            async with asyncio.timeout(TIMEOUT):
-                await pubsub.aclose()
-
-
-class Events:
-    def __init__(self, client: aioredis.Redis, pubsub: Any, probe_channel: str) -> None:
-        self.client = client
-        self.pubsub = pubsub
-        self.probe_channel = probe_channel
-
-    async def drain(self) -> list[bytes]:
-        """Everything published on the subscribed channels so far, within a bounded wait.
-
-        A sentinel published after the change arrives after anything the change published,
-        so reaching it proves there is nothing more to come.
-        """
-        received: list[bytes] = []
-        async with asyncio.timeout(TIMEOUT):
-            await self.client.publish(self.probe_channel, SENTINEL)
-            while True:
-                message = await self.pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=1.0
-                )
-                if message is None:
-                    continue
-                if message["data"] == SENTINEL:
-                    return received
-                received.append(message["data"])
+        return subscribed(self.client, channels, TIMEOUT)
 
 
 @pytest.fixture(params=["redis-server", "memory"])
