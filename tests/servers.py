@@ -216,6 +216,37 @@ class RedisClusterNodes:
             node.stop()
 
 
+@asynccontextmanager
+async def loopback_connections(count: int, bound_s: float = 10
+                               ) -> AsyncIterator[list[tuple[asyncio.Transport,
+                                                             asyncio.StreamReader]]]:
+    """`count` real TCP connections over loopback: each the server side's transport with the
+    reader of its client, which never writes and reads only when a test does."""
+    accepted: asyncio.Queue[asyncio.Transport] = asyncio.Queue()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.put_nowait(writer.transport)  # type: ignore[arg-type]
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pairs: list[tuple[asyncio.Transport, asyncio.StreamReader]] = []
+    clients: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            clients.append(writer)
+            async with asyncio.timeout(bound_s):
+                pairs.append((await accepted.get(), reader))
+        yield pairs
+    finally:
+        for transport, _ in pairs:
+            transport.close()
+        for writer in clients:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 # --- `taskcast serve` as a real process --------------------------------------------------------
 
 

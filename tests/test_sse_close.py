@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -21,6 +22,7 @@ from tests.servers import (
     RedisServer,
     free_port,
     kill,
+    loopback_connections,
     run_gateway,
     start_serve,
     wait_until_answering,
@@ -182,59 +184,42 @@ async def test_taskcast_serve_closes_finished_streams_itself(
 
 @pytest.fixture
 async def connections() -> AsyncIterator[list[asyncio.Transport]]:
-    """Server-side transports of real loopback connections."""
-    accepted: list[asyncio.Transport] = []
-    clients: list[asyncio.StreamWriter] = []
+    """Server-side transports of five real loopback connections."""
+    async with loopback_connections(5, BOUND_S) as pairs:
+        yield [transport for transport, _ in pairs]
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer.transport)  # type: ignore[arg-type]
 
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    for _ in range(5):
-        clients.append((await asyncio.open_connection("127.0.0.1", port))[1])
-    async with asyncio.timeout(BOUND_S):
-        while len(accepted) < 5:
-            await asyncio.sleep(0.01)
-    yield accepted
-    for transport in accepted:
-        transport.close()
-    for writer in clients:
-        writer.close()
-    server.close()
-    await server.wait_closed()
+@asynccontextmanager
+async def running(closer: DeferredCloser) -> AsyncIterator[DeferredCloser]:
+    runner = asyncio.create_task(closer.run())
+    try:
+        yield closer
+    finally:
+        runner.cancel()
 
 
 async def test_closer_closes_what_waited_too_long_even_without_a_budget(
     connections: list[asyncio.Transport]
 ) -> None:
-    closer = DeferredCloser(per_tick=0, tick_s=0.01, max_delay_s=0.05)
-    runner = asyncio.create_task(closer.run())
-    try:
+    async with running(DeferredCloser(per_tick=0, tick_s=0.01, max_delay_s=0.05)) as closer:
         for transport in connections:
             closer.add(transport)
         async with asyncio.timeout(BOUND_S):
             while not all(transport.is_closing() for transport in connections):
                 await asyncio.sleep(0.01)
         assert len(closer) == 0
-    finally:
-        runner.cancel()
 
 
 async def test_closer_keeps_connections_while_it_has_no_budget_and_no_deadline(
     connections: list[asyncio.Transport]
 ) -> None:
-    closer = DeferredCloser(per_tick=0, tick_s=0.01, max_delay_s=3600)
-    runner = asyncio.create_task(closer.run())
-    try:
+    async with running(DeferredCloser(per_tick=0, tick_s=0.01, max_delay_s=3600)) as closer:
         for transport in connections:
             closer.add(transport)
         await asyncio.sleep(0.1)  # ten ticks
         assert len(closer) == 5 and not any(t.is_closing() for t in connections)
         closer.close_all()  # shutdown: everything at once, and from now on at once
         assert len(closer) == 0 and all(t.is_closing() for t in connections)
-    finally:
-        runner.cancel()
 
 
 async def test_closer_after_shutdown_closes_at_once_and_skips_closed_ones(

@@ -18,7 +18,7 @@ from taskcast.metrics import Metrics
 from taskcast.models import Task, TaskStatus
 from taskcast.producer import Producer
 from taskcast.streams import OpenStream
-from tests.servers import Gateway
+from tests.servers import Gateway, loopback_connections
 from tests.sse_client import Follower, read_metric, stream_problems
 
 BOUND_S = 20  # only against hangs
@@ -95,21 +95,8 @@ async def test_nothing_overtakes_a_state_the_consumer_has_not_taken() -> None:
 @pytest.fixture
 async def connection() -> AsyncIterator[tuple[asyncio.Transport, asyncio.StreamReader]]:
     """A server-side transport and the reader of its client, over loopback."""
-    accepted: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set_result(writer.transport)  # type: ignore[arg-type]
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    reader, writer = await asyncio.open_connection("127.0.0.1",
-                                                   server.sockets[0].getsockname()[1])
-    async with asyncio.timeout(BOUND_S):
-        transport = await accepted
-    yield transport, reader
-    transport.close()
-    writer.close()
-    server.close()
-    await server.wait_closed()
+    async with loopback_connections(1, BOUND_S) as pairs:
+        yield pairs[0]
 
 
 def direct_stream(transport: asyncio.Transport, include: bool = True) -> OpenStream:
