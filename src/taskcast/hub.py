@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 class TaskState:
     """One version of a task with its encodings, built lazily and shared by all watchers."""
 
-    __slots__ = ("task", "task_id", "terminal", "_json", "_sse", "_ws")
+    __slots__ = ("task", "task_id", "terminal", "_json", "_sse", "_chunk", "_ws")
 
     def __init__(self, task: Task) -> None:
         self.task = task
@@ -53,7 +53,8 @@ class TaskState:
         self.task_id = task.task_id
         self.terminal = task.is_terminal
         self._json: dict[bool, bytes] = {}  # the task object, with or without image_base64
-        self._sse: dict[int, bytes] = {}  # frames by include flag; chunks at 2 + flag
+        self._sse: dict[bool, bytes] = {}
+        self._chunk: dict[bool, bytes] = {}  # the SSE frames as HTTP/1.1 chunks
         self._ws: dict[bool, str] = {}
 
     @property
@@ -76,11 +77,10 @@ class TaskState:
 
     def sse_chunk(self, include_image_base64: bool) -> bytes:
         """The SSE frame as one HTTP/1.1 chunk, for sinks that write to the connection."""
-        key = 2 + include_image_base64  # cached beside the bare frames
-        chunk = self._sse.get(key)
+        chunk = self._chunk.get(include_image_base64)
         if chunk is None:
             frame = self.sse_frame(include_image_base64)
-            chunk = self._sse[key] = b"%x\r\n%b\r\n" % (len(frame), frame)
+            chunk = self._chunk[include_image_base64] = b"%x\r\n%b\r\n" % (len(frame), frame)
         return chunk
 
     def ws_frame(self, include_image_base64: bool) -> str:
