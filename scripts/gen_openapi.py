@@ -56,7 +56,9 @@ SSE_BODY = {"text/event-stream": {"schema": {"type": "string", "description": (
     "`retry: <ms>` first; then one event per task state: `id: <version>` and "
     "`data: <task object JSON>` (no event name, so EventSource.onmessage gets it); "
     "`: keep-alive` comments while quiet. The current state comes first, then only newer "
-    "versions; the terminal state always comes last, then the stream ends.")}}}
+    "versions; the terminal state always comes last, then the stream ends. The response "
+    "says `Connection: close`: the server closes the connection itself soon after the end "
+    "(at most about 1 s), so a client must not send another request on it.")}}}
 
 EXTRA_PATHS: dict[str, Any] = {
     "/tasks/{task_id}/events": {
