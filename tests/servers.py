@@ -22,7 +22,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from taskcast.app import create_app
+from taskcast.app import GatewayApp, create_app
 from taskcast.server import uvicorn_config
 from taskcast.settings import Settings
 
@@ -126,7 +126,8 @@ async def run_gateway(settings: Settings, port: int | None = None, **uvicorn_ove
     sock.bind(("127.0.0.1", port or 0))
     bound_port = int(sock.getsockname()[1])
     app = create_app(settings)
-    config = uvicorn_config(app, settings, **{"log_level": "warning", **uvicorn_overrides})
+    config = uvicorn_config(GatewayApp(app), settings,
+                            **{"log_level": "warning", **uvicorn_overrides})
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

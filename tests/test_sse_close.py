@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from taskcast.delivery import DeferredCloser
 from taskcast.producer import Producer
 from taskcast.settings import Settings
-from taskcast.streams import DeferredCloser
 from tests.servers import (
     Gateway,
     RedisServer,
@@ -110,7 +110,7 @@ async def test_many_streams_ending_together_are_all_closed_by_the_server(
 
     for i, body in enumerate(bodies):
         assert_ends_with_terminal(body, tasks[i % 30].task_id, "failed")
-    assert len(gateway.app.state.streams.closer) == 0
+    assert len(gateway.app.state.connections.closer) == 0
 
 
 async def test_a_pooling_client_gets_a_fresh_connection_after_a_stream(

@@ -18,7 +18,6 @@ import httpx
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sse_starlette.sse import AppStatus
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
@@ -557,19 +556,16 @@ async def test_graceful_shutdown_closes_open_sockets_with_1012(
     settings: Settings, producer: Producer
 ) -> None:
     task = await producer.create()
-    try:
-        async with run_gateway(settings) as gateway:
-            async with ws_connect(gateway) as many, ws_connect(
-                gateway, f"/tasks/{task.task_id}/ws"
-            ) as one:
-                await subscribe(many, [task.task_id])
-                assert (await recv(many))["data"] == task.to_dict()
-                assert (await recv(one))["data"] == task.to_dict()
-                gateway.server.should_exit = True
-                assert await close_code(many) == 1012
-                assert await close_code(one) == 1012
-    finally:
-        AppStatus.should_exit = False
+    async with run_gateway(settings) as gateway:
+        async with ws_connect(gateway) as many, ws_connect(
+            gateway, f"/tasks/{task.task_id}/ws"
+        ) as one:
+            await subscribe(many, [task.task_id])
+            assert (await recv(many))["data"] == task.to_dict()
+            assert (await recv(one))["data"] == task.to_dict()
+            gateway.server.should_exit = True
+            assert await close_code(many) == 1012
+            assert await close_code(one) == 1012
 
 
 async def test_a_task_recreated_after_redis_lost_its_data_still_delivers_its_terminal_state(

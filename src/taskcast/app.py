@@ -1,26 +1,35 @@
-"""The application factory: routes, error handlers and the lifespan that owns the Redis client."""
+"""The application: the Starlette app with its routes and lifespan, and GatewayApp, which
+uvicorn runs and which hands the push endpoints straight to their transports.
+
+From a Redis message to bytes on a socket: broker.py (or broker_cluster.py) reads the pub/sub
+message and hands it to hub.Hub, which keeps the newest state per watched task and offers it
+to each watcher (a client's mailbox); delivery.Session turns what arrives in a mailbox into
+writes, framed by sse.py or ws.py, and written through server.py's direct link or through ASGI.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
-from taskcast.broker import Broker, RedisPubSubBroker
+from taskcast import server, sse, ws
+from taskcast.broker import RedisPubSubBroker
 from taskcast.broker_cluster import ShardedPubSubBroker
 from taskcast.connection import connect, is_cluster_url
+from taskcast.cors import CorsPolicy
+from taskcast.delivery import Connections
 from taskcast.demo import SimulatedWorker, demo_routes
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.health import healthz, readyz
-from taskcast.hub import Hub
+from taskcast.hub import Broker, Hub
 from taskcast.keys import TaskKeys
 from taskcast.metrics import Metrics, metrics_endpoint
 from taskcast.openapi import openapi_json
@@ -28,18 +37,88 @@ from taskcast.producer import Producer
 from taskcast.responses import envelope, internal_error
 from taskcast.rest import get_task
 from taskcast.settings import Settings
-from taskcast.sse import many_task_events, task_events
 from taskcast.static import browser_client
 from taskcast.store import STORE_ERRORS, TaskStore
-from taskcast.streams import OpenStreams
-from taskcast.ws import many_tasks_socket, one_task_socket
 
 logger = logging.getLogger(__name__)
+
+# A transport's entry point: sse.serve or ws.serve, with the path parameters of its route.
+PushHandler = Callable[[Scope, Receive, Send, dict[str, str]], Awaitable[None]]
+
+
+class PushEndpoint:
+    """A transport's `serve` as a Starlette route's ASGI endpoint (when the app runs without
+    GatewayApp in front of it)."""
+
+    def __init__(self, serve: PushHandler) -> None:
+        self.serve = serve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, send, dict(scope.get("path_params") or {}))
+
+
+class GatewayApp:
+    """The ASGI application uvicorn runs: SSE and WebSocket requests go straight to their
+    transports, skipping Starlette's middleware and routing (a push connection lives for
+    minutes, and each layer would keep a coroutine frame per connection and wrap every write);
+    everything else goes through the Starlette app."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    @property
+    def state(self) -> object:
+        return self.app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            self.app.state.server_support = server.server_support(send)
+            server.on_server_shutdown(scope, self._server_shutdown)
+        else:
+            route = _push_route(kind, scope)
+            if route is not None:
+                scope["app"] = self.app
+                await route[0](scope, receive, send, route[1])
+                return
+        await self.app(scope, receive, send)
+
+    def _server_shutdown(self) -> None:
+        connections: Connections | None = getattr(self.app.state, "connections", None)
+        if connections is not None:
+            connections.shutdown()
+
+
+def _push_route(kind: str, scope: Scope) -> tuple[PushHandler, dict[str, str]] | None:
+    path: str = scope["path"]
+    if kind == "http":
+        if scope["method"] != "GET":
+            return None
+        if path == "/events":
+            return sse.serve, {}
+        suffix, handler = "/events", sse.serve
+    elif kind == "websocket":
+        if path == "/ws":
+            return ws.serve, {}
+        suffix, handler = "/ws", ws.serve
+    else:
+        return None
+    if path.startswith("/tasks/") and path.endswith(suffix) and path.count("/") == 3:
+        task_id = path[len("/tasks/"):-len(suffix)]
+        if task_id:
+            return handler, {"task_id": task_id}
+    return None
+
+
+def create_served_app() -> GatewayApp:
+    """The factory uvicorn's worker processes import (`--workers`): settings from TASKCAST_*."""
+    return GatewayApp(create_app())
 
 
 def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starlette:
     """The gateway; `demo` adds the demo page and a simulated worker (`taskcast demo`)."""
     settings = settings or Settings.from_env()
+    cors = CorsPolicy.from_setting(settings.cors_origins)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -61,14 +140,18 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
             broker = RedisPubSubBroker(pubsub_redis, keys,
                                        ping_deadline_s=settings.redis_ping_deadline_s)
         hub = Hub(broker, store, metrics, resync_interval_s=settings.resync_interval_s)
+        support = getattr(app.state, "server_support", None) or server.ServerSupport(
+            "unknown", problems=("the app is not served through taskcast.app.GatewayApp",))
+        _report_support(support, metrics)
         app.state.settings = settings
         app.state.store = store
         app.state.metrics = metrics
         app.state.hub = hub
-        streams = app.state.streams = OpenStreams(metrics, settings.sse_keepalive_s,
-                                                  settings.send_timeout_s)
+        app.state.cors = cors
+        app.state.server_support = support
+        connections = app.state.connections = Connections(hub, metrics, settings)
         hub.start()
-        streams.start()
+        connections.start()
         worker = None
         if demo:
             producer = Producer(redis, prefix=settings.prefix, retention_s=settings.retention_s,
@@ -81,7 +164,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         finally:
             if worker is not None:
                 await worker.close()
-            await streams.close()
+            await connections.close()
             await hub.close()
             await redis.aclose()
             if pubsub_redis is not redis:
@@ -91,10 +174,10 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         Route("/tasks/{task_id}", get_task, methods=["GET"]),
         # An empty id still gets the 422 body rather than a bare 404.
         Route("/tasks/", get_task, methods=["GET"]),
-        Route("/tasks/{task_id}/events", task_events, methods=["GET"]),
-        Route("/events", many_task_events, methods=["GET"]),
-        WebSocketRoute("/ws", many_tasks_socket),
-        WebSocketRoute("/tasks/{task_id}/ws", one_task_socket),
+        Route("/tasks/{task_id}/events", PushEndpoint(sse.serve), methods=["GET"]),
+        Route("/events", PushEndpoint(sse.serve), methods=["GET"]),
+        WebSocketRoute("/ws", PushEndpoint(ws.serve)),
+        WebSocketRoute("/tasks/{task_id}/ws", PushEndpoint(ws.serve)),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -103,17 +186,9 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
     ]
     if demo:
         routes = demo_routes() + routes
-    middleware = []
-    if settings.cors_origins:
-        origins = [item.strip() for item in settings.cors_origins.split(",") if item.strip()]
-        middleware.append(Middleware(
-            CORSMiddleware, allow_origins=origins, allow_methods=["GET"],
-            allow_headers=["Last-Event-ID", "If-None-Match", "Cache-Control"],
-            expose_headers=["ETag"], max_age=600,
-        ))
     return Starlette(
         routes=routes,
-        middleware=middleware,
+        middleware=[cors.middleware()] if cors is not None else [],
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,
@@ -122,6 +197,18 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
             Exception: _unexpected_error,
         },
     )
+
+
+def _report_support(support: server.ServerSupport, metrics: Metrics) -> None:
+    """One warning at start when the server lacks what the fast paths need; /metrics too."""
+    for feature, available in support.features().items():
+        metrics.server_features.labels(feature).set(1 if available else 0)
+    if support.problems:
+        logger.warning(
+            "push connections take the slower plain-ASGI path (server: %s): %s. "
+            "Run the gateway with `taskcast serve` for direct writes, taskcast's WebSocket "
+            "connection and clean stream endings on shutdown.",
+            support.server, "; ".join(support.problems))
 
 
 async def _initialize_cluster(redis: object) -> None:

@@ -1,4 +1,4 @@
-"""Task event brokers: where the hub's one subscription per process comes from.
+"""Redis pub/sub for the hub (hub.Broker): one dedicated connection per process (or per shard).
 
 A broker keeps a set of subscribed tasks and tells its listener about three things:
 a message on a task channel, a subscription confirmation (initial or after a reconnect, so a
@@ -14,35 +14,15 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import redis.asyncio as aioredis
 
+from taskcast.hub import BrokerListener
 from taskcast.keys import TaskKeys
 from taskcast.store import STORE_ERRORS
 
 logger = logging.getLogger(__name__)
-
-
-class BrokerListener(Protocol):
-    def on_message(self, task_id: int, payload: bytes) -> None: ...
-
-    def on_subscribed(self, task_id: int) -> None: ...
-
-    def on_connection_lost(self) -> None: ...
-
-
-class Broker(Protocol):
-    def start(self, listener: BrokerListener) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def subscribe(self, task_id: int) -> None: ...
-
-    def unsubscribe(self, task_id: int) -> None: ...
-
-    @property
-    def subscription_count(self) -> int: ...
 
 
 class HungConnection(Exception):

@@ -25,7 +25,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from taskcast.broker import BrokerListener, RedisPubSubBroker
+from taskcast.broker import RedisPubSubBroker
+from taskcast.hub import BrokerListener
 from taskcast.keys import TaskKeys
 from taskcast.store import STORE_ERRORS
 

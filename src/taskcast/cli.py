@@ -90,11 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, demo: bool = False) -> int:
-    import uvicorn
-
-    from taskcast.app import create_app
+    from taskcast import server
+    from taskcast.app import GatewayApp, create_app
     from taskcast.connection import is_memory_url
-    from taskcast.server import uvicorn_config, uvicorn_options
 
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,13 +107,12 @@ def _serve(settings: Settings, demo: bool = False) -> int:
             return 2
         # Each worker process imports the app factory, which reads the settings back from here.
         os.environ.update(settings.to_env())
-        uvicorn.run("taskcast.server:create_served_app", factory=True, workers=settings.workers,
-                    **uvicorn_options(settings))  # type: ignore[arg-type]
+        server.run_workers("taskcast.app:create_served_app", settings)
         return 0
     if demo:
         print(f"taskcast demo: open http://{settings.host}:{settings.port}/ "
               f"(store: {settings.redis_url})", file=sys.stderr, flush=True)
-    uvicorn.Server(uvicorn_config(create_app(settings, demo=demo), settings)).run()
+    server.run(GatewayApp(create_app(settings, demo=demo)), settings)
     return 0
 
 

@@ -1,198 +1,236 @@
 """The fan-out core: one subscription per process, many watchers, and the delivery guarantee.
 
-Delivery guarantee (contract section 4). The record in Redis is the truth; pub/sub events are
-hints that carry a whole new state with its `version`. For every task a watcher follows, the hub
+The hub knows neither Redis nor HTTP. Task events come from a `Broker`, records from a
+`TaskReader` (both Protocols below; Redis, Redis Cluster and an in-memory pair implement
+them), and states go to `Watcher`s, the mailboxes of the delivery layer (delivery.py).
+
+Delivery guarantee (contract section 4). The record is the truth; pub/sub events are hints
+that carry a whole new state with its `version`. For every task a watcher follows, the hub
 offers it the current state first and then only strictly newer versions, and the terminal state
 is never lost. How:
 
 * Subscribe first, read second. A task's channel is subscribed when its first local watcher
-  arrives; every subscription confirmation (the first one, and the ones redis-py produces when
-  it silently reconnects) marks the task dirty, and the refresher then re-reads its record.
-  Whatever order events and reads arrive in, only versions above the last one known are passed
-  on, so the result is the same: no duplicates, no regressions.
+  arrives; every subscription confirmation (the first one, and the ones a broker reports after
+  it reconnected) marks the task dirty, and the refresher then re-reads its record. Whatever
+  order events and reads arrive in, only versions above the last one known are passed on, so
+  the result is the same: no duplicates, no regressions.
 * Pub/sub is at most once: Redis drops slow subscribers, outages lose messages, and a producer
-  may publish while we are disconnected. So the broker reconnects with backoff (its watchdog
-  PINGs and rebuilds a hung connection), and every watched task that is not finished is also
-  re-read every `resync_interval_s`: a lost last event is delivered at the latest then.
-* Each state is decoded once per process and encoded once per output format (TaskState caches
-  the frames), and every watcher of the task shares those bytes.
-* A watcher whose client is idle and caught up may hand a state straight to its transport
-  (its `sink`, see DirectSink) instead of waking the client's task for it; the terminal state
-  and everything else take the ordinary path below.
+  may publish while we are disconnected. So the broker reconnects with backoff, and every
+  watched task that is not finished is also re-read every `resync_interval_s`: a lost last
+  event is delivered at the latest then.
+* Each state is decoded once per process and encoded once per output format
+  (TaskState.encoded), and every watcher of the task shares those bytes.
 * Each watcher has one pending slot per task. A newer state replaces an older one that the
   client has not taken yet (conflation, counted); since the terminal state is the last version
   of a task, nothing can replace it, so it is never dropped. A watcher's memory is therefore
-  bounded by the number of tasks it watches, however slow its client. Transports close clients
-  that stop reading altogether (send timeouts), and those reconnect and resume from the record.
+  bounded by the number of tasks it watches, however slow its client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
-from taskcast.broker import Broker
 from taskcast.errors import StoreUnavailable
 from taskcast.metrics import Metrics
 from taskcast.models import Task
-from taskcast.store import TaskStore
 
 logger = logging.getLogger(__name__)
 
 
-class TaskState:
-    """One version of a task with its encodings, built lazily and shared by all watchers."""
+# -- what the hub needs from the outside ------------------------------------------------------
 
-    __slots__ = ("task", "task_id", "terminal", "_json", "_sse", "_chunk", "_ws")
+
+class BrokerListener(Protocol):
+    """What a broker reports. Called from the broker's own task, never concurrently."""
+
+    def on_message(self, task_id: int, payload: bytes) -> None:
+        """A message on a task's channel: the task object JSON, or garbage."""
+
+    def on_subscribed(self, task_id: int) -> None:
+        """A subscription is (again) active: messages sent before may have been missed."""
+
+    def on_connection_lost(self) -> None:
+        """The connection to the broker broke; subscriptions come back with on_subscribed."""
+
+
+class Broker(Protocol):
+    """Task channels, subscribed on demand. Delivery is at most once: messages may be lost,
+    but a broker reports every (re)subscription, after which the hub re-reads the record."""
+
+    def start(self, listener: BrokerListener) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def subscribe(self, task_id: int) -> None:
+        """Start following the channel (asynchronously; on_subscribed confirms)."""
+
+    def unsubscribe(self, task_id: int) -> None: ...
+
+    @property
+    def subscription_count(self) -> int: ...
+
+
+class TaskReader(Protocol):
+    """Reads task records. Every method raises StoreUnavailable when the store does not answer."""
+
+    async def get(self, task_id: int) -> Task | None:
+        """The current task, or None when it has no record."""
+
+    async def get_many(self, task_ids: list[int]) -> dict[int, Task | None]:
+        """Several records; a record that breaks the contract is left out of the result."""
+
+    async def versions(self, task_ids: list[int]) -> dict[int, tuple[int, bool] | None]:
+        """(version, finished) per record, None without a record, version -1 if unreadable."""
+
+
+# -- one version of a task ----------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+class TaskState:
+    """One version of a task, shared by every watcher of the task, with its encodings.
+
+    `encoded(encoding)` runs each encoding (a transport's framing, for instance) at most once
+    per version and returns the same bytes to every caller.
+    """
+
+    __slots__ = ("task", "task_id", "version", "terminal", "_encoded")
 
     def __init__(self, task: Task) -> None:
         self.task = task
         # Read on every delivery: plain attributes, not properties.
         self.task_id = task.task_id
+        self.version = task.version
         self.terminal = task.is_terminal
-        self._json: dict[bool, bytes] = {}  # the task object, with or without image_base64
-        self._sse: dict[bool, bytes] = {}
-        self._chunk: dict[bool, bytes] = {}  # the SSE frames as HTTP/1.1 chunks
-        self._ws: dict[bool, str] = {}
+        self._encoded: dict[object, Any] = {}
 
-    @property
-    def version(self) -> int:
-        return self.task.version
-
-    def _task_json(self, include_image_base64: bool) -> bytes:
-        data = self._json.get(include_image_base64)
+    def json(self, include_image_base64: bool) -> bytes:
+        """The task object (contract section 1), with or without `image_base64`."""
+        data: bytes | None = self._encoded.get(include_image_base64)
         if data is None:
-            data = self._json[include_image_base64] = self.task.to_json(
+            data = self._encoded[include_image_base64] = self.task.to_json(
                 include_image_base64=include_image_base64)
         return data
 
-    def sse_frame(self, include_image_base64: bool) -> bytes:
-        frame = self._sse.get(include_image_base64)
-        if frame is None:
-            frame = self._sse[include_image_base64] = b"id: %d\ndata: %s\n\n" % (
-                self.task.version, self._task_json(include_image_base64))
-        return frame
-
-    def sse_chunk(self, include_image_base64: bool) -> bytes:
-        """The SSE frame as one HTTP/1.1 chunk, for sinks that write to the connection."""
-        chunk = self._chunk.get(include_image_base64)
-        if chunk is None:
-            frame = self.sse_frame(include_image_base64)
-            chunk = self._chunk[include_image_base64] = b"%x\r\n%b\r\n" % (len(frame), frame)
-        return chunk
-
-    def ws_frame(self, include_image_base64: bool) -> str:
-        """ASGI takes WebSocket text frames as str, so this encoding is cached as str."""
-        frame = self._ws.get(include_image_base64)
-        if frame is None:
-            frame = self._ws[include_image_base64] = (
-                '{"type":"task","data":' + self._task_json(include_image_base64).decode() + "}")
-        return frame
+    def encoded(self, encoding: Callable[[TaskState], T]) -> T:
+        """encoding(self), computed once per version (encodings are told apart by identity)."""
+        data: T | None = self._encoded.get(encoding)
+        if data is None:
+            data = self._encoded[encoding] = encoding(self)
+        return data
 
 
-class DirectSink(Protocol):
-    def push(self, state: TaskState) -> bool:
-        """Write the state to the client now, or return False to leave it to the client's
-        task (e.g. bytes are still buffered for a slow client)."""
+# -- a client's mailbox -------------------------------------------------------------------------
 
 
 class Watcher:
-    """One client's view: the newest undelivered state per task, and a wake-up event."""
+    """A client's mailbox at the hub: the newest undelivered state per task.
 
-    __slots__ = ("pending", "known", "claimed", "ended", "missing", "closed", "sink", "_loop",
-                 "_waiter", "_metrics")
+    Promises to its consumer: `take()` returns states in the order they arrived, at most one
+    per task, each newer than every state of that task taken before (the one exception is a
+    terminal state after Redis lost a record and versions restarted: the end always arrives),
+    and never anything for a task after its terminal state. `on_ready` is called whenever the
+    mailbox goes from empty to holding something (a state or a vanished task), so the consumer
+    can write at once or wake whoever writes.
+    """
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.pending: dict[int, TaskState] = {}
-        self.known: dict[int, int] = {}
+    __slots__ = ("_pending", "_known", "_claimed", "_ended", "_missing", "_on_ready",
+                 "_metrics")
+
+    def __init__(self, metrics: Metrics, on_ready: Callable[[], None]) -> None:
+        self._pending: dict[int, TaskState] = {}
+        self._known: dict[int, int] = {}
         # Versions the client says it has (Last-Event-ID) that no state has confirmed yet.
-        self.claimed: set[int] = set()
-        self.ended: set[int] = set()  # tasks whose terminal state this watcher was given
-        self.missing: set[int] = set()
-        self.closed = False
-        # Set by a transport that can write a state synchronously (sse.py): used only while
-        # the client's task waits in next_batch() with nothing pending, so every earlier state
-        # is already written and order is kept.
-        self.sink: DirectSink | None = None
-        # A bare future rather than an asyncio.Event (which carries a deque): this object
-        # exists once per connection, and thousands of idle connections add up.
-        self._loop = asyncio.get_running_loop()
-        self._waiter: asyncio.Future[None] | None = None
+        self._claimed: set[int] = set()
+        self._ended: set[int] = set()  # tasks whose terminal state this mailbox was given
+        self._missing: set[int] = set()
+        self._on_ready: Callable[[], None] | None = on_ready
         self._metrics = metrics
 
-    def _wake_up(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def claim(self, task_id: int, version: int) -> None:
-        """The client already holds `version` (e.g. from Last-Event-ID): start after it."""
-        self.known[task_id] = version
-        self.claimed.add(task_id)
+    # -- the hub's side
 
     def offer(self, state: TaskState) -> None:
         task_id = state.task_id
-        known = self.known.get(task_id, 0)
+        known = self._known.get(task_id, 0)
         if state.version <= known:
-            if not state.terminal or task_id in self.ended:
+            if not state.terminal or task_id in self._ended:
                 return
-            if task_id in self.claimed and state.version == known:
+            if task_id in self._claimed and state.version == known:
                 return  # the client says it holds exactly this end (Last-Event-ID)
             # A terminal state at or below the version known: the client claimed a version the
             # task never reached, or Redis lost its data and the task was re-created, restarting
             # its versions. Either way the end must still arrive.
-        self.claimed.discard(task_id)
-        self.known[task_id] = state.version
+        self._claimed.discard(task_id)
+        self._known[task_id] = state.version
         if state.terminal:
-            self.ended.add(task_id)
-        elif (self.sink is not None and self._waiter is not None and not self.pending
-              and self.sink.push(state)):
-            return  # written: the client's task sleeps on (one wake-up and write saved)
-        if task_id in self.pending:
-            self._metrics.conflated.inc()
-        self.pending[task_id] = state
-        self._wake_up()
+            self._ended.add(task_id)
+        pending = self._pending
+        was_empty = not pending and not self._missing
+        if task_id in pending:
+            self._metrics.conflated.inc()  # the newer state takes the older one's place
+        pending[task_id] = state
+        if was_empty and self._on_ready is not None:
+            self._on_ready()
 
     def offer_missing(self, task_id: int) -> None:
-        self.missing.add(task_id)
-        self._wake_up()
+        """The task's record is gone (expired, or never existed)."""
+        was_empty = not self._pending and not self._missing
+        self._missing.add(task_id)
+        if was_empty and self._on_ready is not None:
+            self._on_ready()
+
+    def holds(self, state: TaskState) -> bool:
+        """Whether this mailbox already got `state` or a newer version of its task."""
+        return (state.version <= self._known.get(state.task_id, 0)
+                and state.task_id not in self._pending)
+
+    # -- the consumer's side
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._pending or self._missing)
+
+    @property
+    def has_claims(self) -> bool:
+        return bool(self._claimed)
+
+    def claim(self, task_id: int, version: int) -> None:
+        """The client already holds `version` (e.g. from Last-Event-ID): start after it."""
+        self._known[task_id] = version
+        self._claimed.add(task_id)
+
+    def take(self) -> list[TaskState]:
+        """The pending states in arrival order; the mailbox is empty of states afterwards."""
+        if not self._pending:
+            return []
+        batch = list(self._pending.values())
+        self._pending.clear()
+        return batch
+
+    def take_missing(self) -> set[int]:
+        missing, self._missing = self._missing, set()
+        return missing
 
     def forget(self, task_id: int) -> None:
-        self.pending.pop(task_id, None)
-        self.known.pop(task_id, None)
-        self.claimed.discard(task_id)
-        self.ended.discard(task_id)
-        self.missing.discard(task_id)
+        """Drop everything about the task: following it again starts from its current state."""
+        self._pending.pop(task_id, None)
+        self._known.pop(task_id, None)
+        self._claimed.discard(task_id)
+        self._ended.discard(task_id)
+        self._missing.discard(task_id)
 
-    def poke(self) -> None:
-        """Wake the sender for something other than a task state (a control frame)."""
-        self._wake_up()
+    def close(self) -> None:
+        """No more wake-ups (and no reference to the consumer left behind)."""
+        self._on_ready = None
 
-    def close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            logger.debug("watcher closed: %s", reason)
-            self._wake_up()
 
-    async def next_batch(self) -> list[TaskState]:
-        """The pending states in arrival order; [] when woken by poke() or close().
-
-        No timer per wait: keep-alives come from one process-wide ticker that pokes idle
-        watchers (streams.py), so an idle client costs no timer at all.
-        """
-        if not self.pending and not self.closed and not self.missing:
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if not self.pending:
-            return []
-        batch = list(self.pending.values())
-        self.pending.clear()
-        return batch
+# -- the hub --------------------------------------------------------------------------------
 
 
 class _Topic:
@@ -204,12 +242,20 @@ class _Topic:
 
 
 class Hub:
+    """Watchers per task, one broker subscription per watched task, and the newest state.
+
+    Promises: every watcher of a task is offered the newest state the hub knows when it starts
+    watching (if any), then every newer state the hub learns of, from events or re-reads; a task
+    whose record disappears is reported with offer_missing. Subscriptions are released when the
+    last watcher of a task leaves.
+    """
+
     REFRESH_BATCH = 100
 
     def __init__(
         self,
         broker: Broker,
-        store: TaskStore,
+        store: TaskReader,
         metrics: Metrics,
         *,
         resync_interval_s: float = 5.0,
@@ -252,10 +298,12 @@ class Hub:
         topic.watchers.add(watcher)
         if current is not None:
             self.accept(current)
-        if topic.state is not None:
+        # The watcher may have taken a terminal state from accept() and left already.
+        if topic.state is not None and watcher in topic.watchers:
             watcher.offer(topic.state)
 
     def unwatch(self, watcher: Watcher, task_ids: Iterable[int]) -> None:
+        changed = False
         for task_id in task_ids:
             topic = self._topics.get(task_id)
             if topic is None:
@@ -264,18 +312,18 @@ class Hub:
             if not topic.watchers:
                 del self._topics[task_id]
                 self.broker.unsubscribe(task_id)
-        self._update_gauges()
+                changed = True
+        if changed:
+            self._update_gauges()
 
     def holds_terminal(self, watcher: Watcher, task_id: int) -> bool:
-        """Whether the watcher already has the terminal state the hub knows for the task."""
+        """Whether the watcher already holds the terminal state the hub knows for the task."""
         topic = self._topics.get(task_id)
         state = topic.state if topic is not None else None
-        return (state is not None and state.terminal
-                and state.version <= watcher.known.get(task_id, 0) and task_id not in
-                watcher.pending)
+        return state is not None and state.terminal and watcher.holds(state)
 
     async def lookup(self, task_id: int) -> Task | None:
-        """The newest state known: from the hub when the task is watched, else from Redis.
+        """The newest state known: from the hub when the task is watched, else from the store.
 
         Concurrent lookups of one task share one read. Raises StoreUnavailable.
         """
@@ -286,8 +334,13 @@ class Hub:
         if pending is None:
             pending = asyncio.ensure_future(self._read(task_id))
             self._lookups[task_id] = pending
-            pending.add_done_callback(lambda done: self._lookup_done(task_id, done))
+            pending.add_done_callback(functools.partial(self._lookup_done, task_id))
         return await asyncio.shield(pending)
+
+    async def lookup_many(self, task_ids: Sequence[int]) -> list[Task | BaseException | None]:
+        """lookup() of each id; a failed lookup gives its exception in place of the task."""
+        return list(await asyncio.gather(*(self.lookup(task_id) for task_id in task_ids),
+                                         return_exceptions=True))
 
     async def _read(self, task_id: int) -> Task | None:
         task = await self.store.get(task_id)
@@ -327,6 +380,7 @@ class Hub:
     # -- state ------------------------------------------------------------------------------
 
     def accept(self, task: Task) -> None:
+        """A state read or received: offered to the task's watchers if it is news."""
         topic = self._topics.get(task.task_id)
         if topic is None:
             return
@@ -337,7 +391,8 @@ class Hub:
             if not (task.is_terminal and not current.terminal):
                 return
         state = topic.state = TaskState(task)
-        for watcher in topic.watchers:
+        # A snapshot: a watcher that writes at once may end its client and leave the topic.
+        for watcher in tuple(topic.watchers):
             watcher.offer(state)
 
     def mark_dirty(self, task_ids: Iterable[int], reason: str) -> None:
@@ -383,7 +438,7 @@ class Hub:
             if task is not None:
                 self.accept(task)
             elif task_id in self._topics:
-                for watcher in list(self._topics[task_id].watchers):
+                for watcher in tuple(self._topics[task_id].watchers):
                     watcher.offer_missing(task_id)
 
     async def _periodic_resync(self) -> None:

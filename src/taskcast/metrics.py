@@ -63,6 +63,11 @@ class Metrics:
         self.resyncs = Counter(
             "taskcast_resyncs", "Task records re-read from Redis", ["reason"], registry=r
         )
+        self.server_features = Gauge(
+            "taskcast_server_feature",
+            "1 when the server offers what a fast path needs (see server.py), else 0",
+            ["feature"], registry=r,
+        )
         self.redis_reconnects = Counter(
             "taskcast_redis_reconnects", "Pub/sub connections re-established", registry=r
         )

@@ -1,89 +1,250 @@
-"""The uvicorn configuration taskcast runs with, shared by the CLI and the tests."""
+"""The server adapter: the one module that knows uvicorn's internals.
+
+The gateway needs five things from its server that ASGI does not offer. Here is how each is
+obtained from uvicorn (the versions in SUPPORTED_UVICORN, pinned in pyproject.toml):
+
+* write a pre-encoded body chunk straight to an SSE response's connection (HttpLink), skipping
+  the ASGI `send` and the waking of the stream's task: the transport of uvicorn's httptools
+  request cycle, which ASGI's `send` is a bound method of;
+* detect a departed SSE client without a task per stream waiting for `http.disconnect`: the
+  cycle's `disconnected` flag, polled by one timer for all streams;
+* take over the close of a finished SSE response's connection (to close it later, between
+  deliveries): the cycle's `keep_alive` flag;
+* abort a connection whose client stopped reading (ASGI can only close politely, which waits
+  for the client): the transport's abort();
+* know that the server is shutting down before it starts waiting for open streams: uvicorn
+  calls shutdown() on every open connection's protocol object, and ours pass it on first.
+
+WebSockets need no internals: uvicorn builds taskcast's own connection class
+(websocket_protocol.py) for upgrade requests, whose direct writes and synchronous closes are
+public methods. Both protocol classes are given to uvicorn as its `http` and `ws` protocols
+(uvicorn_options), which is also how the shutdown notice reaches the gateway.
+
+At start, server_support() checks that the running server is a supported uvicorn with these
+classes. When it is not (another server, another uvicorn version, other protocol classes), the
+gateway logs one warning, /metrics says which features are off, and every stream takes the plain
+ASGI path: correct, but slower.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
-from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from taskcast.settings import Settings
+from taskcast.websocket_protocol import Limits, WebSocketConnection
 
-ABORT_KEY = "taskcast.abort"
+logger = logging.getLogger(__name__)
 
-# Serves a request without Starlette's middleware stack, or returns False to pass it on.
-FastPath = Callable[[Starlette, Scope, Receive, Send], Awaitable[bool]]
-
-
-class AbortableConnections:
-    """Outermost ASGI layer: puts a way to abort the TCP connection into each scope.
-
-    ASGI has no "abort": a response can only be closed politely, and with uvicorn that waits
-    until the client has read everything already buffered, which a client that stopped reading
-    never does. uvicorn's own `send` is a method of an object holding the transport; read
-    here, before any middleware wraps `send`, it gives transport.abort(). Under another
-    server the key is simply absent and slow clients are closed the polite way.
-    """
-
-    def __init__(self, app: Starlette, fast_path: FastPath | None = None) -> None:
-        self.app = app
-        self.fast_path = fast_path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        transport = getattr(getattr(send, "__self__", None), "transport", None)
-        abort = getattr(transport, "abort", None)
-        if abort is not None and scope["type"] in ("http", "websocket"):
-            scope[ABORT_KEY] = abort
-        if self.fast_path is not None and await self.fast_path(self.app, scope, receive, send):
-            return
-        await self.app(scope, receive, send)
+SUPPORTED_UVICORN = ((0, 55), (0, 56))  # [lowest, above highest): the versions tested
+SHUTDOWN_HOOK = "taskcast.server_shutdown"  # key in the lifespan state; value: a callable
+FEATURES = ("direct_http_writes", "websocket_protocol", "shutdown_notice")
 
 
-def abort_connection(scope: MutableMapping[str, Any]) -> bool:
-    abort: Callable[[], None] | None = scope.get(ABORT_KEY)
-    if abort is None:
+@dataclass(frozen=True, slots=True)
+class ServerSupport:
+    """What the running server offers beyond ASGI, decided once at start."""
+
+    server: str
+    direct_http_writes: bool = False
+    websocket_protocol: bool = False
+    shutdown_notice: bool = False
+    problems: tuple[str, ...] = ()
+
+    def features(self) -> dict[str, bool]:
+        return {name: bool(getattr(self, name)) for name in FEATURES}
+
+
+def server_support(lifespan_send: Callable[..., Any]) -> ServerSupport:
+    """Inspect the server from the `send` of its lifespan protocol (uvicorn's holds the
+    configuration, whose protocol classes are what every connection will be served by)."""
+    config = getattr(getattr(lifespan_send, "__self__", None), "config", None)
+    if not isinstance(config, uvicorn.Config):
+        return ServerSupport("unknown", problems=("the server is not uvicorn",))
+    version = uvicorn.__version__
+    name = f"uvicorn {version}"
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if not SUPPORTED_UVICORN[0] <= numbers < SUPPORTED_UVICORN[1]:
+        low, high = (".".join(map(str, bound)) for bound in SUPPORTED_UVICORN)
+        return ServerSupport(name, problems=(f"uvicorn {version} is not in the tested range "
+                                             f">={low},<{high}",))
+    problems = []
+    http = isinstance(config.http_protocol_class, type) and issubclass(
+        config.http_protocol_class, TaskcastHttpProtocol)
+    if not http:
+        problems.append(f"HTTP is served by {_name(config.http_protocol_class)}, "
+                        f"not {_name(TaskcastHttpProtocol)}")
+    ws = isinstance(config.ws_protocol_class, type) and issubclass(
+        config.ws_protocol_class, TaskcastWebSocket)
+    if not ws:
+        problems.append(f"WebSockets are served by {_name(config.ws_protocol_class)}, "
+                        f"not {_name(TaskcastWebSocket)}")
+    return ServerSupport(name, direct_http_writes=http, websocket_protocol=ws,
+                         shutdown_notice=http, problems=tuple(problems))
+
+
+def on_server_shutdown(lifespan_scope: MutableMapping[str, Any], hook: Callable[[], None]
+                       ) -> None:
+    """Call `hook` when the server begins its graceful shutdown, before it waits for open
+    connections (possibly more than once). Only servers that ServerSupport credits with
+    shutdown_notice call it. The lifespan state is the dict uvicorn hands each connection."""
+    state = lifespan_scope.get("state")
+    if isinstance(state, dict):
+        state[SHUTDOWN_HOOK] = hook
+
+
+def _notify_shutdown(app_state: dict[str, Any]) -> None:
+    hook = app_state.get(SHUTDOWN_HOOK)
+    if hook is not None:
+        hook()
+
+
+class TaskcastHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, which tells the gateway when the server shuts down."""
+
+    def shutdown(self) -> None:
+        _notify_shutdown(self.app_state)
+        super().shutdown()
+
+
+@functools.lru_cache(maxsize=16)
+def _limits(max_size: int, ping_interval: float | None, ping_timeout: float | None) -> Limits:
+    return Limits(max_size=max_size, ping_interval=ping_interval, ping_timeout=ping_timeout)
+
+
+class TaskcastWebSocket(WebSocketConnection):
+    """taskcast's WebSocket connection, built the way uvicorn builds its `ws` protocols."""
+
+    __slots__ = ()
+
+    def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not config.loaded:
+            config.load()
+        super().__init__(
+            config.loaded_app,
+            limits=_limits(config.ws_max_size, config.ws_ping_interval, config.ws_ping_timeout),
+            root_path=config.root_path, app_state=app_state,
+            connections=server_state.connections, tasks=server_state.tasks, loop=_loop)
+
+    def shutdown(self) -> None:
+        _notify_shutdown(self.app_state)
+        super().shutdown()
+
+
+# -- per connection -------------------------------------------------------------------------
+
+
+class HttpLink:
+    """An HTTP/1.1 response in progress on uvicorn's httptools protocol, for the writes and
+    checks that skip ASGI. Valid from the response head (sent through ASGI) to its end."""
+
+    __slots__ = ("_cycle", "transport")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self.transport: asyncio.Transport = cycle.transport
+
+    @property
+    def writable(self) -> bool:
+        """A chunk written now goes out at once: the body is chunked, nothing is buffered."""
+        transport = self.transport
+        return (not transport.is_closing() and not transport.get_write_buffer_size()
+                and self._cycle.chunked_encoding is True and not self._cycle.response_complete)
+
+    def write(self, chunks: list[bytes]) -> None:
+        """Whole HTTP/1.1 chunks (see http_chunk), in order."""
+        if len(chunks) == 1:
+            self.transport.write(chunks[0])
+        else:
+            self.transport.writelines(chunks)
+
+    @property
+    def disconnected(self) -> bool:
+        return bool(self._cycle.disconnected)
+
+    def keep_open_after_body(self) -> None:
+        """uvicorn closes a `Connection: close` response's connection inside the send that ends
+        its body; after this, the connection stays open until the caller closes it."""
+        self._cycle.keep_alive = True
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+
+def http_chunk(data: bytes) -> bytes:
+    """`data` framed as one chunk of a chunked HTTP/1.1 body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def http_link(send: Callable[..., Any]) -> HttpLink | None:
+    """The link under an ASGI `send` of uvicorn's httptools protocol, else None."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is not RequestResponseCycle:
+        return None
+    return HttpLink(cycle)
+
+
+def websocket_link(send: Callable[..., Any]) -> WebSocketConnection | None:
+    """taskcast's own WebSocket connection under an ASGI `send`, else None."""
+    connection = getattr(send, "__self__", None)
+    return connection if isinstance(connection, WebSocketConnection) else None
+
+
+def abort_connection(send: Callable[..., Any]) -> bool:
+    """Abort the TCP connection under an ASGI `send`, if the server lets us; else False."""
+    link = websocket_link(send) or http_link(send)
+    if link is None:
         return False
-    abort()
+    link.abort()
     return True
 
 
-def served(app: Starlette) -> AbortableConnections:
-    """The app as uvicorn runs it: SSE streams take the fast path (see sse.serve_stream)."""
-    from taskcast.sse import serve_stream
-
-    return AbortableConnections(app, serve_stream)
+# -- running uvicorn --------------------------------------------------------------------------
 
 
-def create_served_app() -> AbortableConnections:
-    """The factory uvicorn's worker processes import (`--workers`): settings from TASKCAST_*."""
-    from taskcast.app import create_app
-
-    return served(create_app())
-
-
-def uvicorn_config(app: Starlette, settings: Settings, **overrides: object) -> uvicorn.Config:
-    options = uvicorn_options(settings)
-    options.update(overrides)
-    asgi: ASGIApp = served(app)
-    return uvicorn.Config(asgi, **options)  # type: ignore[arg-type]
-
-
-def uvicorn_options(settings: Settings) -> dict[str, object]:
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
         "lifespan": "on",
         "access_log": False,
+        "http": TaskcastHttpProtocol,
+        "ws": TaskcastWebSocket,
         # A frame over this size closes the socket with 1009: clients only send small ops.
         "ws_max_size": settings.ws_max_frame_bytes,
         "ws_ping_interval": settings.ws_ping_interval_s,
         "ws_ping_timeout": settings.ws_ping_timeout_s,
-        # Compression would re-encode every frame per client (a multi-megabyte base64 image
-        # included), undoing encode-once; base64 also compresses poorly.
-        "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": settings.graceful_shutdown_s,
         "backlog": 4096,
     }
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    options = uvicorn_options(settings)
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def run(app: Any, settings: Settings) -> None:
+    """Serve in this process until SIGTERM/SIGINT."""
+    uvicorn.Server(uvicorn_config(app, settings)).run()
+
+
+def run_workers(factory: str, settings: Settings) -> None:
+    """`settings.workers` processes sharing the port; each imports `factory` ("module:name")."""
+    uvicorn.run(factory, factory=True, workers=settings.workers, **uvicorn_options(settings))
+
+
+def _name(value: object) -> str:
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)

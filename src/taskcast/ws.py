@@ -1,39 +1,76 @@
 """WebSocket transport (contract section 6): `/ws` for many tasks, `/tasks/{task_id}/ws` for one.
 
-Each connection runs two coroutines: the endpoint's own task reads client frames (it must keep
-reading, or uvicorn's sans-I/O WebSocket stops processing pongs and closes with 1011), and a
-sender task writes everything else: control replies first, then task states from the hub
-watcher, each write bounded by `send_timeout_s`. A client too slow for that is closed with
-1013 (try again later) and resumes from the record when it reconnects.
+This module reads client frames and frames bytes; delivery is the delivery layer's
+(delivery.py). A task state is encoded once per version as a whole WebSocket frame and written
+to every idle socket that follows the task, from the hub's callback, with no task per socket:
+each connection is its request task, which keeps reading client frames (pings, ops, the close).
+Under a server without taskcast's WebSocket connection (server.py) the same happens through
+ASGI, with a sender task per socket.
+
+A client that stops reading: once a write has waited `send_timeout_s` for it, its TCP
+connection is aborted (a close frame could not get past the full buffer anyway). Such a client
+sees its connection reset after it has read what had reached its side, as an abnormal closure
+(1006), never a clean close; it reconnects, subscribes again and resumes from the records.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.types import Receive, Scope, Send
 
+from taskcast import server
 from taskcast.close_codes import CloseCode, ErrorCode
+from taskcast.delivery import Connections, End, Item, Session
 from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
-from taskcast.hub import Hub, Watcher
+from taskcast.hub import TaskState
 from taskcast.ids import parse_task_id, parse_task_id_value
 from taskcast.models import Task
 from taskcast.rest import image_base64_flag
-from taskcast.server import abort_connection
 from taskcast.settings import Settings
+from taskcast.websocket_protocol import WebSocketConnection, text_frame
 
 logger = logging.getLogger(__name__)
 
-# Control replies waiting for the sender; a client that outpaces them this far is flooding.
+# Control messages waiting for a client that does not read; this far behind, it is flooding.
 MAX_QUEUED_REPLIES = 64
+
+
+def message_with_image(state: TaskState) -> bytes:
+    return b'{"type":"task","data":' + state.json(True) + b"}"
+
+
+def message_without_image(state: TaskState) -> bytes:
+    return b'{"type":"task","data":' + state.json(False) + b"}"
+
+
+def frame_with_image(state: TaskState) -> bytes:
+    return text_frame(state.encoded(message_with_image))
+
+
+def frame_without_image(state: TaskState) -> bytes:
+    return text_frame(state.encoded(message_without_image))
+
+
+def text_with_image(state: TaskState) -> str:
+    return state.encoded(message_with_image).decode()
+
+
+def text_without_image(state: TaskState) -> str:
+    return state.encoded(message_without_image).decode()
+
+
+_ENCODINGS = {True: (message_with_image, frame_with_image, text_with_image),
+              False: (message_without_image, frame_without_image, text_without_image)}
+_CLOSES = {End.DONE: (CloseCode.NORMAL, "task finished"),
+           End.MISSING: (CloseCode.TASK_NOT_FOUND, "task not found"),
+           End.SHUTDOWN: (CloseCode.SERVICE_RESTART, "server shutting down")}
 
 
 class TokenBucket:
@@ -57,142 +94,102 @@ class Abuse(Exception):
         self.code, self.reason = code, reason
 
 
-def origin_allowed(connection: HTTPConnection, settings: Settings) -> bool:
+class WsSession(Session):
+    """One WebSocket: states and replies as text frames, the end as a close code."""
+
+    transport = "ws"
+
+    __slots__ = ("_asgi_send", "_link", "per_task", "_frame", "_text")
+
+    def __init__(self, conns: Connections, include_image_base64: bool, send: Send,
+                 link: WebSocketConnection | None, per_task: bool) -> None:
+        super().__init__(conns, include_image_base64, ends_when_done=per_task)
+        self._asgi_send = send
+        self._link = link
+        self.per_task = per_task  # one task, task frames only, closed after its end
+        _, self._frame, self._text = _ENCODINGS[include_image_base64]
+
+    def reply(self, frame: dict[str, Any]) -> None:
+        if self.backlog >= MAX_QUEUED_REPLIES:
+            raise Abuse(CloseCode.RATE_LIMITED, "too many requests in flight")
+        self.send_control(orjson.dumps(frame))
+
+    def error(self, code: ErrorCode, msg: str, **extra: Any) -> None:
+        self.reply({"type": "error", "code": int(code), "msg": msg, **extra})
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        self.finish(End.CLOSED, (code, reason))
+
+    # -- Session hooks
+
+    def _frames(self, items: list[Item]) -> list[bytes]:
+        return [text_frame(item) if isinstance(item, bytes) else item.encoded(self._frame)
+                for item in items]
+
+    def _writable(self) -> bool:
+        link = self._link
+        return link is not None and link.is_open and not link.buffered
+
+    def _write_now(self, items: list[Item]) -> bool:
+        return self._link is not None and self._link.write_frames(self._frames(items))
+
+    async def _send(self, items: list[Item]) -> None:
+        for item in items:
+            text = item.decode() if isinstance(item, bytes) else item.encoded(self._text)
+            await self._asgi_send({"type": "websocket.send", "text": text})
+
+    def _close_code(self) -> tuple[int, str]:
+        if self.end is End.CLOSED and isinstance(self.end_detail, tuple):
+            return int(self.end_detail[0]), str(self.end_detail[1])
+        code, reason = _CLOSES.get(self.end or End.DONE, (CloseCode.NORMAL, ""))
+        return int(code), reason
+
+    def _finish_now(self, items: list[Item]) -> bool:
+        if not self._writable():
+            return False
+        code, reason = self._close_code()
+        assert self._link is not None
+        return self._link.close_now(code, reason, closer=self.conns.closer.add,
+                                    before=self._frames(items))
+
+    async def _finish(self, items: list[Item]) -> None:
+        await self._send(items)
+        code, reason = self._close_code()
+        await self._asgi_send({"type": "websocket.close", "code": code, "reason": reason})
+
+    def _vanished(self, task_ids: list[int], items: list[Item]) -> None:
+        if self.per_task:
+            self.end = End.MISSING
+            return
+        self.unwatch(task_ids)
+        items.append(orjson.dumps({"type": "error", "code": int(ErrorCode.NOT_FOUND),
+                                   "msg": "task not found", "task_ids": task_ids}))
+
+    def _needs_pump_task(self) -> bool:
+        return True
+
+    def _abort(self) -> bool:
+        if self._link is None:
+            return False
+        self._link.abort()
+        return True
+
+
+def origin_allowed(headers: Headers, settings: Settings) -> bool:
     """Cross-site WebSocket hijacking guard: browsers always send Origin, and cookies ride
     along with the upgrade, so only listed origins (or the same host) may connect."""
-    origin = connection.headers.get("origin")
+    origin = headers.get("origin")
     if origin is None:
         return True  # not a browser: nothing to hijack
     allowed = {item.strip().rstrip("/") for item in settings.allowed_origins.split(",")
                if item.strip()}
     if "*" in allowed or origin.rstrip("/") in allowed:
         return True
-    host = connection.headers.get("host", "")
+    host = headers.get("host", "")
     return origin.split("://", 1)[-1].rstrip("/") == host
 
 
-class Session:
-    """One WebSocket connection's state, shared by its reader and its sender."""
-
-    def __init__(self, websocket: WebSocket, hub: Hub, settings: Settings,
-                 include_image_base64: bool) -> None:
-        self.websocket = websocket
-        self.hub = hub
-        self.settings = settings
-        self.include = include_image_base64
-        self.watcher = Watcher(hub.metrics)
-        self.subscribed: set[int] = set()
-        self.replies: deque[str] = deque()
-        self.close_after_terminal = False
-        self.closing: tuple[int, str] | None = None
-
-    def reply(self, frame: dict[str, Any]) -> None:
-        if len(self.replies) >= MAX_QUEUED_REPLIES:
-            raise Abuse(CloseCode.RATE_LIMITED, "too many requests in flight")
-        self.replies.append(orjson.dumps(frame).decode())
-        self.watcher.poke()
-
-    def error(self, code: ErrorCode, msg: str, **extra: Any) -> None:
-        self.reply({"type": "error", "code": int(code), "msg": msg, **extra})
-
-    def close(self, code: int, reason: str) -> None:
-        if self.closing is None:
-            self.closing = (code, reason)
-        self.watcher.close(reason)
-
-    # -- subscriptions ----------------------------------------------------------------------
-
-    async def subscribe(self, task_ids: list[int]) -> None:
-        new = [task_id for task_id in dict.fromkeys(task_ids) if task_id not in self.subscribed]
-        if len(self.subscribed) + len(new) > self.settings.ws_max_subscriptions:
-            raise Abuse(CloseCode.TOO_MANY_SUBSCRIPTIONS,
-                        f"more than {self.settings.ws_max_subscriptions} subscriptions")
-        found = await asyncio.gather(*(self.hub.lookup(task_id) for task_id in new),
-                                     return_exceptions=True)
-        unknown, broken = [], []
-        current: dict[int, Task] = {}
-        for task_id, result in zip(new, found, strict=True):
-            if isinstance(result, Task):
-                current[task_id] = result
-            elif result is None:
-                unknown.append(task_id)
-            elif isinstance(result, CorruptRecord):
-                broken.append(task_id)
-            elif isinstance(result, BaseException) and not isinstance(result, StoreUnavailable):
-                raise result
-            # StoreUnavailable: watch anyway; the hub delivers once Redis answers again.
-        if unknown:
-            self.error(ErrorCode.NOT_FOUND, "task not found", task_ids=unknown)
-        if broken:
-            self.error(ErrorCode.INTERNAL, "task record is malformed", task_ids=broken)
-        unknown += broken
-        if not self.close_after_terminal:  # a per-task socket carries task frames only
-            accepted = [task_id for task_id in task_ids if task_id not in unknown]
-            self.reply({"type": "subscribed", "task_ids": accepted})
-        for task_id in new:
-            if task_id not in unknown:
-                self.subscribed.add(task_id)
-                self.hub.watch(self.watcher, task_id, current.get(task_id))
-
-    def unsubscribe(self, task_ids: list[int]) -> None:
-        self._drop([task_id for task_id in dict.fromkeys(task_ids) if task_id in self.subscribed])
-        self.reply({"type": "unsubscribed", "task_ids": list(dict.fromkeys(task_ids))})
-
-    def _drop(self, task_ids: list[int]) -> None:
-        """Stop following tasks: release their Redis subscriptions and forget what was sent,
-        so that subscribing again starts from the current state."""
-        self.hub.unwatch(self.watcher, task_ids)
-        for task_id in task_ids:
-            self.subscribed.discard(task_id)
-            self.watcher.forget(task_id)
-
-    def release(self) -> None:
-        self.hub.unwatch(self.watcher, self.subscribed)
-        self.subscribed.clear()
-
-    # -- sender -----------------------------------------------------------------------------
-
-    async def send_loop(self) -> None:
-        """Writes replies and task states until closed; a write that takes too long closes."""
-        delivered = self.hub.metrics.delivered
-        while not self.watcher.closed:
-            batch = await self.watcher.next_batch()
-            while self.replies:
-                await self._send(self.replies.popleft())
-            for state in batch:
-                await self._send(state.ws_frame(self.include))
-                delivered["ws"] += 1
-                if state.terminal:  # nothing can follow it
-                    self._drop([state.task_id])
-                    if self.close_after_terminal:
-                        self.close(CloseCode.NORMAL, "task finished")
-            if self.watcher.missing:
-                missing = sorted(self.watcher.missing)
-                self.watcher.missing.clear()
-                if self.close_after_terminal:
-                    self.close(CloseCode.TASK_NOT_FOUND, "task not found")
-                else:
-                    self._drop(missing)
-                    await self._send(orjson.dumps({"type": "error",
-                                                   "code": int(ErrorCode.NOT_FOUND),
-                                                   "msg": "task not found",
-                                                   "task_ids": missing}).decode())
-
-    async def _send(self, text: str) -> None:
-        try:
-            async with asyncio.timeout(self.settings.send_timeout_s):
-                await self.websocket.send_text(text)
-        except TimeoutError:
-            self.hub.metrics.slow_disconnects.labels("ws").inc()
-            self.hub.metrics.dropped.inc(len(self.watcher.pending))
-            self.close(CloseCode.TRY_AGAIN_LATER, "too slow: reconnect")
-            # A close frame cannot pass a full send buffer either; drop the connection so its
-            # buffered megabytes are freed now rather than whenever the client reads again.
-            abort_connection(self.websocket.scope)
-            raise
-
-
-async def _handle_frame(session: Session, message: MutableMapping[str, Any]) -> None:
+async def _handle_frame(session: WsSession, message: MutableMapping[str, Any]) -> None:
     if message.get("text") is None:
         session.error(ErrorCode.BAD_FRAME, "binary frames are not supported; send JSON text")
         return
@@ -236,103 +233,106 @@ async def _handle_frame(session: Session, message: MutableMapping[str, Any]) -> 
                       detail=[exc.detail])
         return
     if op == "subscribe":
-        await session.subscribe(task_ids)
+        await _subscribe(session, task_ids)
     else:
-        session.unsubscribe(task_ids)
+        session.unwatch(task_ids)
+        session.reply({"type": "unsubscribed", "task_ids": list(dict.fromkeys(task_ids))})
 
 
-async def _run(session: Session, first: list[int] | None) -> None:
-    """Accept, start the sender, then read frames until the client leaves or is closed."""
-    websocket, settings = session.websocket, session.settings
-    await websocket.accept()
-    gauge = session.hub.metrics.connections.labels("ws")
-    gauge.inc()
-    sender = asyncio.create_task(session.send_loop())
+async def _subscribe(session: WsSession, task_ids: list[int]) -> None:
+    limit = session.conns.settings.ws_max_subscriptions
+    new = [task_id for task_id in dict.fromkeys(task_ids) if task_id not in session.watching]
+    if len(session.watching) + len(new) > limit:
+        raise Abuse(CloseCode.TOO_MANY_SUBSCRIPTIONS, f"more than {limit} subscriptions")
+    found = await session.hub.lookup_many(new)
+    unknown, broken = [], []
+    current: dict[int, Task] = {}
+    for task_id, result in zip(new, found, strict=True):
+        if isinstance(result, Task):
+            current[task_id] = result
+        elif result is None:
+            unknown.append(task_id)
+        elif isinstance(result, CorruptRecord):
+            broken.append(task_id)
+        elif not isinstance(result, StoreUnavailable):
+            raise result
+        # StoreUnavailable: watch anyway; the hub delivers once Redis answers again.
+    if unknown:
+        session.error(ErrorCode.NOT_FOUND, "task not found", task_ids=unknown)
+    if broken:
+        session.error(ErrorCode.INTERNAL, "task record is malformed", task_ids=broken)
+    refused = set(unknown) | set(broken)
+    session.reply({"type": "subscribed",
+                   "task_ids": [task_id for task_id in task_ids if task_id not in refused]})
+    session.watch((task_id, current.get(task_id)) for task_id in new if task_id not in refused)
+
+
+async def _read_frames(session: WsSession, receive: Receive) -> None:
+    """Read client frames until the client leaves (reading also keeps pongs and the closing
+    handshake flowing); a per-task socket takes no ops."""
+    settings = session.conns.settings
     bucket = TokenBucket(settings.ws_ops_per_s, settings.ws_ops_burst)
-    try:
-        if first is not None:
-            session.close_after_terminal = True
-            await session.subscribe(first)
-        while session.closing is None:
-            receive = asyncio.ensure_future(websocket.receive())
-            done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if receive not in done:
-                receive.cancel()
-                break  # the sender stopped: closed or too slow
-            message = receive.result()
-            if message["type"] == "websocket.disconnect":
-                session.watcher.close("client left")
-                return
-            if first is not None:
-                continue  # a per-task socket takes no ops; reading keeps pongs flowing
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            session.client_left()
+            return
+        if session.per_task or session.end is not None:
+            continue
+        try:
             if not bucket.take():
                 raise Abuse(CloseCode.RATE_LIMITED, "too many messages: slow down")
             await _handle_frame(session, message)
-    except Abuse as exc:
-        session.close(exc.code, exc.reason)
-    except WebSocketDisconnect:
-        session.watcher.close("client left")
-    finally:
-        session.watcher.close("done")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(sender, timeout=settings.send_timeout_s)
-        session.release()
-        gauge.dec()
-        await _close(session)
+        except Abuse as exc:
+            session.close(exc.code, exc.reason)
 
 
-async def _close(session: Session) -> None:
-    if session.closing is None or session.websocket.application_state != WebSocketState.CONNECTED:
-        return
-    code, reason = session.closing
-    with contextlib.suppress(Exception):
-        # A client that stopped reading blocks close() too.
-        async with asyncio.timeout(session.settings.send_timeout_s):
-            await session.websocket.close(code, reason)
-
-
-async def _refuse(websocket: WebSocket, code: CloseCode, reason: str) -> None:
+async def _refuse(send: Send, code: CloseCode, reason: str) -> None:
     """Accept, then close with a code: browsers hide the HTTP status of a refused upgrade."""
-    await websocket.accept()
-    await websocket.close(code, reason)
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.close", "code": int(code), "reason": reason})
 
 
-async def many_tasks_socket(websocket: WebSocket) -> None:
-    """`/ws`: subscribe / unsubscribe / ping over one socket."""
-    hub: Hub = websocket.app.state.hub
-    settings: Settings = websocket.app.state.settings
-    if not origin_allowed(websocket, settings):
-        await websocket.close(CloseCode.POLICY_VIOLATION)  # before accept: HTTP 403
+async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[str, str]
+                ) -> None:
+    """`/ws` (no path parameters) or `/tasks/{task_id}/ws`."""
+    state = scope["app"].state
+    conns: Connections = state.connections
+    headers = Headers(scope=scope)
+    if (await receive())["type"] != "websocket.connect":
         return
+    if not origin_allowed(headers, conns.settings):
+        await send({"type": "websocket.close", "code": int(CloseCode.POLICY_VIOLATION)})
+        return  # before accept: HTTP 403
+    per_task = "task_id" in path_params
     try:
-        include = image_base64_flag(websocket)
-    except InvalidParameter:
-        await _refuse(websocket, CloseCode.INVALID_TASK_ID, "image_base64 must be a boolean")
-        return
-    await _run(Session(websocket, hub, settings, include), None)
-
-
-async def one_task_socket(websocket: WebSocket) -> None:
-    """`/tasks/{task_id}/ws`: one task's states; close 1000 after the terminal one."""
-    hub: Hub = websocket.app.state.hub
-    settings: Settings = websocket.app.state.settings
-    if not origin_allowed(websocket, settings):
-        await websocket.close(CloseCode.POLICY_VIOLATION)
-        return
-    try:
-        task_id = parse_task_id(websocket.path_params["task_id"])
-        include = image_base64_flag(websocket)
+        task_id = parse_task_id(path_params["task_id"]) if per_task else 0
+        include = image_base64_flag(HTTPConnection(scope))
     except InvalidParameter as exc:
-        await _refuse(websocket, CloseCode.INVALID_TASK_ID, str(exc)[:120])
+        await _refuse(send, CloseCode.INVALID_TASK_ID, str(exc)[:120])
         return
-    try:
-        if await hub.lookup(task_id) is None:
-            await _refuse(websocket, CloseCode.TASK_NOT_FOUND, "task not found")
+    current: Task | None = None
+    if per_task:
+        try:
+            current = await conns.hub.lookup(task_id)
+            if current is None:
+                await _refuse(send, CloseCode.TASK_NOT_FOUND, "task not found")
+                return
+        except StoreUnavailable:
+            pass  # keep the socket; the hub delivers once Redis answers again
+        except CorruptRecord as exc:
+            logger.error("%s", exc)
+            await _refuse(send, CloseCode.INTERNAL_ERROR, "task record is malformed")
             return
-    except StoreUnavailable:
-        pass  # keep the socket; the hub delivers once Redis answers again
-    except CorruptRecord as exc:
-        logger.error("%s", exc)
-        await _refuse(websocket, CloseCode.INTERNAL_ERROR, "task record is malformed")
-        return
-    await _run(Session(websocket, hub, settings, include), [task_id])
+    support: server.ServerSupport = state.server_support
+    link = server.websocket_link(send) if support.websocket_protocol else None
+    await send({"type": "websocket.accept"})
+    session = WsSession(conns, include, send, link, per_task)
+    try:
+        if per_task:
+            session.watch([(task_id, current)])
+        await _read_frames(session, receive)
+    except OSError:
+        pass  # the client went away
+    finally:
+        session.release()

@@ -1,0 +1,52 @@
+"""CORS for browser clients on other origins (`TASKCAST_CORS_ORIGINS`), one policy for every path.
+
+REST and the service endpoints go through Starlette's CORSMiddleware. The SSE streams skip the
+middleware stack (see app.GatewayApp), because a middleware wraps `send`, and a wrapped `send`
+hides the server's connection that direct writes need. So a stream asks the very same
+middleware which headers it would add to its response (`response_headers`), and sends them
+itself: the policy is Starlette's in both places, not a copy of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import Message, Receive, Scope, Send
+
+
+async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    raise RuntimeError("this CORSMiddleware only computes headers")
+
+
+class CorsPolicy:
+    def __init__(self, origins: list[str]) -> None:
+        self.options: dict[str, Any] = {
+            "allow_origins": origins,
+            "allow_methods": ["GET"],
+            "allow_headers": ["Last-Event-ID", "If-None-Match", "Cache-Control"],
+            "expose_headers": ["ETag"],
+            "max_age": 600,
+        }
+        self._middleware = CORSMiddleware(_no_app, **self.options)
+
+    @classmethod
+    def from_setting(cls, value: str) -> CorsPolicy | None:
+        origins = [item.strip() for item in value.split(",") if item.strip()]
+        return cls(origins) if origins else None
+
+    def middleware(self) -> Middleware:
+        return Middleware(CORSMiddleware, **self.options)
+
+    async def response_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The headers CORSMiddleware adds to a response to this (non-preflight) request."""
+        start: Message = {"type": "http.response.start", "status": 200, "headers": []}
+        sent: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            sent.append(message)
+
+        await self._middleware.send(start, send=capture, request_headers=Headers(scope=scope))
+        return list(sent[0]["headers"])
