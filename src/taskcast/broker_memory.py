@@ -37,6 +37,7 @@ class MemoryBroker:
 
     async def close(self) -> None:
         self._listener = None
+        self.subscribed.clear()  # as a closed Redis connection forgets its subscriptions
 
     def subscribe(self, task_id: int) -> None:
         self.subscribed.add(task_id)

@@ -32,6 +32,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
 from taskcast.errors import StoreUnavailable
@@ -39,6 +40,7 @@ from taskcast.metrics import Metrics
 from taskcast.models import Task
 
 logger = logging.getLogger(__name__)
+_NO_TASKS: frozenset[int] = frozenset()
 
 
 # -- what the hub needs from the outside ------------------------------------------------------
@@ -132,18 +134,25 @@ class TaskState:
 class Watcher:
     """A client's mailbox at the hub: the newest undelivered state per task.
 
-    Promises to its consumer: `take()` returns states in the order they arrived, at most one
-    per task, each newer than every state of that task taken before (the one exception is a
-    terminal state after Redis lost a record and versions restarted: the end always arrives),
-    and never anything for a task after its terminal state. `on_ready` is called whenever the
-    mailbox goes from empty to holding something (a state or a vanished task), so the consumer
-    can write at once or wake whoever writes.
+    Promises to its consumer: `take()` returns states in the order their tasks became pending
+    (a newer state takes the place of the one it replaces), at most one per task, each newer
+    than every state of that task taken before (the one exception is a terminal state after
+    Redis lost a record and versions restarted: the end always arrives), and never anything
+    for a task after its terminal state, not even a vanished record. `on_ready` is called
+    whenever the mailbox goes from empty to holding something (a state or a vanished task), so
+    the consumer can write at once or wake whoever writes.
+
+    `take_now`, if given, is offered a new state first whenever the mailbox is empty: if it
+    returns True it has taken the state (written it, typically), and the state never enters
+    the mailbox. Since it only ever sees states when nothing is pending, nothing it takes can
+    overtake a state still in the mailbox.
     """
 
     __slots__ = ("_pending", "_known", "_claimed", "_ended", "_missing", "_on_ready",
-                 "_metrics")
+                 "_take_now", "_metrics")
 
-    def __init__(self, metrics: Metrics, on_ready: Callable[[], None]) -> None:
+    def __init__(self, metrics: Metrics, on_ready: Callable[[], None],
+                 take_now: Callable[[TaskState], bool] | None = None) -> None:
         self._pending: dict[int, TaskState] = {}
         self._known: dict[int, int] = {}
         # Versions the client says it has (Last-Event-ID) that no state has confirmed yet.
@@ -151,15 +160,18 @@ class Watcher:
         self._ended: set[int] = set()  # tasks whose terminal state this mailbox was given
         self._missing: set[int] = set()
         self._on_ready: Callable[[], None] | None = on_ready
+        self._take_now = take_now
         self._metrics = metrics
 
     # -- the hub's side
 
     def offer(self, state: TaskState) -> None:
         task_id = state.task_id
-        known = self._known.get(task_id, 0)
+        if task_id in self._ended:
+            return  # nothing follows the end, even a "newer" state a careless producer wrote
+        known = self._known.get(task_id, -1)  # a record without `version` has version 0
         if state.version <= known:
-            if not state.terminal or task_id in self._ended:
+            if not state.terminal:
                 return
             if task_id in self._claimed and state.version == known:
                 return  # the client says it holds exactly this end (Last-Event-ID)
@@ -171,15 +183,22 @@ class Watcher:
         if state.terminal:
             self._ended.add(task_id)
         pending = self._pending
-        was_empty = not pending and not self._missing
-        if task_id in pending:
-            self._metrics.conflated.inc()  # the newer state takes the older one's place
+        if pending or self._missing:  # the consumer knows already
+            if task_id in pending:
+                self._metrics.conflated.inc()  # the newer state takes the older one's place
+            pending[task_id] = state
+            return
+        take_now = self._take_now
+        if take_now is not None and take_now(state):
+            return
         pending[task_id] = state
-        if was_empty and self._on_ready is not None:
+        if self._on_ready is not None:
             self._on_ready()
 
     def offer_missing(self, task_id: int) -> None:
-        """The task's record is gone (expired, or never existed)."""
+        """The task's record is gone (expired, or never existed); ignored once it has ended."""
+        if task_id in self._ended:
+            return
         was_empty = not self._pending and not self._missing
         self._missing.add(task_id)
         if was_empty and self._on_ready is not None:
@@ -187,7 +206,7 @@ class Watcher:
 
     def holds(self, state: TaskState) -> bool:
         """Whether this mailbox already got `state` or a newer version of its task."""
-        return (state.version <= self._known.get(state.task_id, 0)
+        return (state.version <= self._known.get(state.task_id, -1)
                 and state.task_id not in self._pending)
 
     # -- the consumer's side
@@ -213,8 +232,12 @@ class Watcher:
         self._pending.clear()
         return batch
 
-    def take_missing(self) -> set[int]:
-        missing, self._missing = self._missing, set()
+    def take_missing(self) -> AbstractSet[int]:
+        """Tasks whose record vanished since the last call (a set the caller may keep)."""
+        missing = self._missing
+        if not missing:
+            return _NO_TASKS
+        self._missing = set()
         return missing
 
     def forget(self, task_id: int) -> None:
@@ -228,6 +251,7 @@ class Watcher:
     def close(self) -> None:
         """No more wake-ups (and no reference to the consumer left behind)."""
         self._on_ready = None
+        self._take_now = None
 
 
 # -- the hub --------------------------------------------------------------------------------
@@ -251,6 +275,7 @@ class Hub:
     """
 
     REFRESH_BATCH = 100
+    RETRY_DELAY_S = 0.5  # after a failed re-read
 
     def __init__(
         self,
@@ -414,7 +439,13 @@ class Hub:
                 except StoreUnavailable as exc:
                     logger.debug("resync postponed: %s", exc)
                     self._dirty.update(batch)
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(self.RETRY_DELAY_S)
+                    continue
+                except Exception:
+                    # A bug must not end every resync of the process for good.
+                    logger.exception("resync of %d tasks failed; retrying", len(batch))
+                    self._dirty.update(batch)
+                    await asyncio.sleep(self.RETRY_DELAY_S)
                     continue
                 await asyncio.sleep(0)  # let deliveries through between batches
 

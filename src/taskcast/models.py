@@ -137,7 +137,11 @@ class Task:
     def from_json(cls, payload: bytes | str) -> Task:
         """Decode an event payload; raises ValueError (or KeyError/TypeError) when malformed."""
         data = orjson.loads(payload)
+        if not isinstance(data, dict):
+            raise TypeError(f"an event is a JSON object, not {type(data).__name__}")
         image = data.get("image") or {}
+        if not isinstance(image, dict):
+            raise TypeError(f"`image` is a JSON object, not {type(image).__name__}")
         return cls(
             task_id=_as_int(data["task_id"]),
             status=TaskStatus(data["status"]),

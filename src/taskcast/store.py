@@ -59,15 +59,19 @@ class TaskStore:
         return tasks
 
     async def versions(self, task_ids: list[int]) -> dict[int, tuple[int, bool] | None]:
-        """Only (version, finished) per record (None: no record; version -1: unreadable), in
-        one round trip: a cheap way to learn which of many watched records changed."""
+        """Only (version, finished) per record (None: no record; version -1: unreadable; a
+        record without the field has version 0, as Task.from_record reads it), in one round
+        trip: a cheap way to learn which of many watched records changed."""
         replies = await self._hmget_many(task_ids, ("version", "status"))
         found: dict[int, tuple[int, bool] | None] = {}
         for task_id, (version, status) in zip(task_ids, replies, strict=True):
             if version is None and status is None:
                 found[task_id] = None
             else:
-                number = int(version) if version is not None and version.isdigit() else -1
+                if version is None:
+                    number = 0
+                else:
+                    number = int(version) if version.isdigit() else -1
                 found[task_id] = (number, status in (b"completed", b"failed"))
         return found
 
