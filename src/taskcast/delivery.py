@@ -85,14 +85,15 @@ class Session:
 
     __slots__ = ("conns", "hub", "watcher", "include", "watching", "unfinished",
                  "ends_when_done", "end",
-                 "end_detail", "sending_since", "active", "_control", "_unsent", "_started",
+                 "end_detail", "sending_since", "active", "_delivered", "_control", "_unsent",
+                 "_started",
                  "_sending", "_waiter", "_pump", "_flush_scheduled", "_released")
 
     def __init__(self, conns: Connections, include_image_base64: bool, *,
                  ends_when_done: bool) -> None:
         self.conns = conns
         self.hub = conns.hub
-        self.watcher = Watcher(conns.metrics, self._kick)
+        self.watcher = Watcher(conns.metrics, self._kick, self._take_now)
         self.include = include_image_base64
         self.watching: set[int] = set()  # followed at the hub
         self.unfinished: set[int] = set()  # followed, and the terminal state not yet out
@@ -101,6 +102,7 @@ class Session:
         self.end_detail: object = None  # e.g. the vanished task ids, or a close code
         self.sending_since = 0.0  # loop time a pumped write started; 0 when none is under way
         self.active = False  # wrote something since the last keep-alive tick
+        self._delivered = conns.metrics.delivered
         self._control: list[bytes] = []
         self._unsent: list[Item] = []  # collected, not yet written (the pump writes them)
         self._started = False  # has followed at least one task
@@ -146,10 +148,17 @@ class Session:
         """Control messages and states collected but not yet written (a client behind)."""
         return len(self._control) + len(self._unsent)
 
-    def send_control(self, payload: bytes) -> None:
-        """Queue a control message (a WebSocket reply, an SSE comment) behind what is queued."""
+    def send_control(self, payload: bytes, *, now: bool = True) -> None:
+        """Queue a control message (a WebSocket reply, an SSE comment) behind what is queued;
+        with now=False it waits for the next write (to go out in the same write)."""
         if self.end is None:
             self._control.append(payload)
+            if now:
+                self._kick()
+
+    def flush(self) -> None:
+        """Write what is queued (e.g. control messages queued with now=False)."""
+        if self._control or self._unsent or self.watcher.ready:
             self._kick()
 
     def finish(self, end: End, detail: object = None) -> None:
@@ -162,7 +171,7 @@ class Session:
     def client_left(self) -> None:
         if self.end is None:
             self.end = End.CLIENT_LEFT
-        self._wake()
+        self._wake(start=False)
 
     def drop_slow(self) -> None:
         """The sweeper found a write that did not return: abort the connection."""
@@ -178,10 +187,21 @@ class Session:
             if self._pump is not None:
                 self._pump.cancel()
             self._cancel_stuck_writer()
-        self._wake()
+        self._wake(start=False)
         logger.info("dropped a %s client that stopped reading", self.transport)
 
     # -- the machinery --------------------------------------------------------------------------
+
+    def _take_now(self, state: TaskState) -> bool:
+        """The hub's fast path (Watcher.take_now): a progress state for an idle connection
+        with nothing queued, of a session that follows one task, is written on the spot."""
+        if (state.terminal or self._sending or self._control or self._unsent
+                or self._flush_scheduled or self.end is not None or len(self.watching) > 1
+                or not self._write_state(state)):
+            return False
+        self._delivered[self.transport] += 1
+        self.active = True
+        return True
 
     def _kick(self) -> None:
         """Something is queued: write it now if the connection is idle, else make sure the
@@ -208,7 +228,12 @@ class Session:
     def _flush(self) -> None:
         """Collect and write now; what cannot be done now goes to the pump."""
         items = self._collect()
-        if self.end is not None and self.end not in _SILENT_ENDS and self._finish_now(items):
+        if self.end is not None:
+            if self.end in _SILENT_ENDS or not self._finish_now(items):
+                # The pump writes the last items and the end together: one write, not two,
+                # which matters when many connections end at once.
+                self._unsent = items
+                self._wake()
             return
         if items:
             if not self._write_now(items):
@@ -216,8 +241,6 @@ class Session:
                 self._wake()
                 return
             self.active = True
-        if self.end is not None:
-            self._wake()  # the pump carries out the end
 
     def _collect(self) -> list[Item]:
         """Take what is queued, apply the end rules, and return the items to write in order."""
@@ -231,7 +254,7 @@ class Session:
             return items
         states = self.watcher.take()
         if states:
-            self.conns.metrics.delivered[self.transport] += len(states)
+            self._delivered[self.transport] += len(states)
             for state in states:
                 items.append(state)
                 if state.terminal:
@@ -268,7 +291,7 @@ class Session:
             if items:
                 await self._timed(self._send(items))
                 continue
-            if self.end is not None:
+            if self.end is not None or self._released:
                 return
             if self._pump is not None and self._writable():
                 return  # idle again: direct writes take over
@@ -291,12 +314,13 @@ class Session:
             self.sending_since = 0.0
         self.active = True
 
-    def _wake(self) -> None:
+    def _wake(self, start: bool = True) -> None:
+        """Wake the pump; start a pump task of our own if there is none and `start`."""
         waiter = self._waiter
         if waiter is not None:
             if not waiter.done():
                 waiter.set_result(None)
-        elif self._pump is None and self._needs_pump_task() and not self._released:
+        elif start and self._pump is None and self._needs_pump_task() and not self._released:
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
     async def _run_pump(self) -> None:
@@ -318,11 +342,12 @@ class Session:
         self.unfinished.clear()
         self.watcher.close()
         self.conns.discard(self)
-        if self._pump is not None and self._pump is not asyncio.current_task():
-            self._pump.cancel()
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)  # a waiting pump sees the release and returns
+        elif self._pump is not None and self._pump is not asyncio.current_task():
+            self._pump.cancel()  # stuck in a write to a client that is gone
 
     # -- what each transport provides -----------------------------------------------------------
 
@@ -332,6 +357,10 @@ class Session:
 
     def _write_now(self, items: list[Item]) -> bool:
         """Write directly; False if the connection cannot take it now."""
+        return False
+
+    def _write_state(self, state: TaskState) -> bool:
+        """Write one state directly if the connection is idle; else False."""
         return False
 
     async def _send(self, items: list[Item]) -> None:

@@ -88,6 +88,10 @@ class SseSession(Session):
     def _writable(self) -> bool:
         return self._link is not None and self._link.writable
 
+    def _write_state(self, state: TaskState) -> bool:
+        link = self._link
+        return link is not None and link.write_if_idle(state.encoded(self._chunk))
+
     def _write_now(self, items: list[Item]) -> bool:
         link = self._link
         if link is None or not link.writable:
@@ -164,8 +168,11 @@ class EventStream:
             else:
                 listener = asyncio.get_running_loop().create_task(
                     _until_disconnect(receive, session))
-            session.send_control(b"retry: %d\n\n" % self.conns.settings.sse_retry_ms)
+            # The retry hint goes out with the first state, in one write.
+            session.send_control(b"retry: %d\n\n" % self.conns.settings.sse_retry_ms,
+                                 now=False)
             session.watch(zip(self.task_ids, self.current, strict=True), self.last_seen)
+            session.flush()  # no state yet (e.g. Redis is down): the hint goes alone
             await session.pump()
         except OSError:
             pass  # the client went away (servers on ASGI 2.4 raise on a send after that)

@@ -532,6 +532,16 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
+    def write_frame_if_idle(self, data: bytes) -> bool:
+        """Write one whole, already-encoded frame if the socket is open and nothing is
+        buffered; else False."""
+        transport = self.transport
+        if (self.state != OPEN or transport is None or transport.get_write_buffer_size()
+                or transport.is_closing()):
+            return False
+        transport.write(data)
+        return True
+
     def write_frames(self, frames: Sequence[bytes]) -> bool:
         """Write whole, already-encoded server frames now; False once the socket is not open."""
         transport = self.transport

@@ -130,6 +130,10 @@ class WsSession(Session):
         link = self._link
         return link is not None and link.is_open and not link.buffered
 
+    def _write_state(self, state: TaskState) -> bool:
+        link = self._link
+        return link is not None and link.write_frame_if_idle(state.encoded(self._frame))
+
     def _write_now(self, items: list[Item]) -> bool:
         return self._link is not None and self._link.write_frames(self._frames(items))
 
