@@ -5,11 +5,12 @@ One run starts everything it measures and stops it again:
 * a private `redis-server` on a free loopback port (`--save '' --appendonly no`), or with
   `--cluster` a 3-node Redis Cluster (3 primaries, `redis+cluster://` URL);
 * the gateway, `python -m taskcast serve ... --log-level warning`, pinned with `taskset -c 0`;
-  with `--replicas K`, K of them on K ports, all on that core, clients spread over them;
+  with `--replicas K`, K of them on K ports, all on that core, clients spread over them; with
+  `--server raw`, `bench/raw_ws_server.py` in its place (below);
 * `--client-procs` client shard processes (default: as few as the fd limit allows), each holding
   its share of the N connections on raw asyncio protocols: a minimal HTTP/1.1 + chunked + SSE
-  parser, or with `--transport ws` a hand-made RFC 6455 client on `/tasks/{id}/ws` (no HTTP or
-  WebSocket client library);
+  parser, or with `--transport ws` a hand-made RFC 6455 client on `/tasks/{id}/ws` or `/ws` (no
+  HTTP or WebSocket client library);
 * a publisher process that drives the tasks through `taskcast.producer.Producer` (its own Redis
   connection) at R events/s for D s, then completes every task at the same rate.
 
@@ -23,6 +24,66 @@ pinned cores from them; every run reports how busy each core was and with what.
     .venv/bin/python bench/sse_load.py --clients 20000 --tasks 2000 --idle-only
     .venv/bin/python bench/sse_load.py --clients 5000 --tasks 500 --rate 2000 --duration 10 \
         --transport ws --replicas 2 --cluster
+    .venv/bin/python bench/sse_load.py --clients 5000 --tasks 500 --rate 2000 --duration 10 \
+        --transport ws --ws-endpoint many --tasks-per-socket 10
+    .venv/bin/python bench/sse_load.py --clients 5000 --tasks 500 --rate 2000 --duration 10 \
+        --server raw
+    .venv/bin/python bench/sse_load.py --churn 10 --clients 2000 --tasks 200 --hold 1
+
+Watchers and connections. `--clients N` is always N watchers (client-task pairs). A watcher
+is what every per-client figure counts: its first event, its terminal state (lost terminal
+states are watchers without one), its latency samples, its order checks (versions strictly
+rising, progress never falling, SSE `id` = version) and the deliveries that CPU per delivery
+divides by. SSE streams and per-task WebSockets carry one watcher each, so there N
+connections = N watchers, client i watching task i % T + 1, as always.
+
+`--transport ws --ws-endpoint many --tasks-per-socket K`: N/K sockets on `GET /ws` (N % K == 0,
+K <= T). Socket s sends one masked text frame `{"op":"subscribe","task_ids":[...]}` right after
+the 101, slot j of it watching task ((s*K + j) % T) + 1 (so every task has N/T watchers, spread
+as with K = 1), and expects `{"type":"subscribed","task_ids":[...]}` (a task frame before it, a
+second one, or other ids are order violations) and then `{"type":"task","data":...}` frames,
+matched to the socket's watchers by `task_id`. An error frame naming task ids fails those
+watchers only. It sends no `{"op":"ping"}`: only the subscribe, and pongs to protocol pings.
+The server keeps a `/ws` socket open after its tasks finish (it drops finished tasks), so
+once every task of a socket is terminal (or failed) the client closes it: a masked close 1000,
+and when the server's close frame arrives (anything but 1000 is a violation) the client closes
+TCP; a server that drops TCP without a close frame counts a violation too. Per figure:
+
+* connect time: from the start until every socket has the first task frame of each of its
+  tasks (the latest first event over all watchers); `time_to_first_event_ms` is per watcher;
+* RSS per idle connection and gateway CPU per connection: per socket (ready sockets, i.e.
+  with all K first events); `memory.rss_per_idle_watcher_kib` and
+  `connect.gateway_cpu_us_per_watcher` divide by watchers instead;
+* latency, deliveries, CPU per delivery, lost terminal states, order checks: per watcher;
+* `publish.after_terminal`: how long after the report until every socket is closed, which on
+  `/ws` means until the server has answered the close the client started after the socket's
+  last terminal state (close codes are the server's answers; `violations` there include the
+  close checks, which happen after the report). On per-task sockets and SSE it is, as before,
+  until the server has closed every finished connection.
+
+`--server raw`: `bench/raw_ws_server.py` instead of `taskcast serve`, started with the same
+flags (`--redis-url --prefix --port --log-level`), on the same core, under the same `--rt`,
+measured the same way from /proc (CPU, RSS, fds) and probed at `/readyz`. It is a ceiling: the
+same endpoints (`/tasks/{id}/events`, `/tasks/{id}/ws`, `/ws`) and bytes on the wire from a
+minimal uvloop + asyncio.Protocol server with none of the gateway's guarantees (see its
+docstring). It has no taskcast metrics, so the `/metrics` deltas are skipped and marked
+`{"skipped": ...}` (and `scenario.gateway_metrics` says so); it serves only the
+`taskcast_open_connections` gauges that `--churn` waits on. Not with `--cluster`.
+
+`--churn R` (churn/soak): tasks are created once and never published to (they stay
+`submitted`). Each of R rounds: every shard builds fresh clients and connects them all (SSE,
+or the WebSocket kind chosen by `--transport ws --ws-endpoint`), each connection until its
+first task state(s); holds them `--hold` s (default 1); closes them from the client side (SSE:
+TCP close; WebSocket: close 1000, the server's close frame, then TCP close; whatever is still
+open after `--close-wait` s is aborted and counted); polls `/metrics` every 0.1 s until the
+server's `taskcast_open_connections{transport=...}` (summed over replicas) is 0, at most
+`--close-wait` s (the JSON records the value and the wait); waits `--settle` s; reads VmRSS.
+`churn` in the JSON has RSS after each round, the growth from round 1 to round R in percent,
+`rss_round_last_within_10pct_of_round_1` (true when RSS after round R is at most 110 % of RSS
+after round 1; a shrink passes), and per round the gateway CPU per connection for the connect
+(until every first state) and for the whole cycle (connect, hold, close, until the gauge is 0,
+including the gauge polls), per connection that got its first state(s). Clock ticks are
+10 ms: with a few hundred connections a round's CPU figure moves in steps of tens of us.
 
 It prints a JSON summary, then one human-readable line; `--json-out` also writes the JSON.
 
@@ -58,6 +119,7 @@ from typing import IO, Any, TypeVar, cast
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
+RAW_SERVER = Path(__file__).resolve().parent / "raw_ws_server.py"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PREFIX = "taskcast-bench"
 TERMINAL_STATUSES = ("completed", "failed")
@@ -221,7 +283,8 @@ def foreign_benchmarks(own: set[int]) -> list[str]:
         except OSError:
             continue
         text = b" ".join(argv).decode(errors="replace").strip()
-        if "sse_load.py" in text or "taskcast serve" in text or "pytest" in text:
+        if any(name in text for name in ("sse_load.py", "taskcast serve", "pytest",
+                                         "raw_ws_server.py")):
             found.append(f"{entry.name}: {text[:160]}")
     return found[:20]
 
@@ -346,38 +409,76 @@ def ws_accept(key: bytes) -> bytes:
 
 
 def ws_client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked, unfragmented client frame (control frames only: payload <= 125 bytes)."""
-    if len(payload) > 125:
-        raise ValueError("client frames here are control frames (<= 125 bytes)")
+    """One masked, unfragmented client frame (control frames: payload <= 125 bytes)."""
+    size = len(payload)
+    if opcode >= 0x8 and size > 125:
+        raise ValueError("a control frame carries at most 125 bytes")
+    if size < 126:
+        head = bytes((0x80 | opcode, 0x80 | size))
+    elif size < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
     key = os.urandom(4)
-    masked = bytes(byte ^ key[index & 3] for index, byte in enumerate(payload))
-    return bytes((0x80 | opcode, 0x80 | len(payload))) + key + masked
+    if not size:
+        return head + key
+    stream = (key * (size // 4 + 1))[:size]
+    masked = (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(
+        size, "little")
+    return head + key + masked
+
+
+class Watch:
+    """One watcher: a connection following one task (a client-task pair).
+
+    Everything counted per client (first event, terminal state, order checks, lost terminal
+    states, latency) is kept here: a per-task connection has one, a `/ws` socket K."""
+
+    __slots__ = ("client", "task_id", "last_version", "last_progress", "first_event_at",
+                 "terminal_at", "error")
+
+    def __init__(self, client: Client, task_id: int) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.last_version = 0
+        self.last_progress = 0
+        self.first_event_at = 0.0
+        self.terminal_at = 0.0
+        self.error = ""
 
 
 class Client(asyncio.Protocol):
-    """One connection watching one task; no reconnects (a drop is reported, not hidden).
+    """One connection watching one task (or, `/ws`, K tasks); no reconnects (a drop is
+    reported, not hidden).
 
     Subclasses parse the transport (`data_received`) and hand each task state to the shard."""
 
+    MULTI = False  # True: one socket, several tasks (events are matched to watches by task id)
+
     __slots__ = (
-        "shard", "task_id", "replica", "transport", "buf", "head_done", "closing",
-        "last_version", "last_progress", "first_event_at", "terminal_at", "ready", "error",
+        "shard", "replica", "transport", "buf", "head_done", "closing", "ready", "error",
+        "watches", "by_task", "awaiting_first", "unfinished", "unsettled", "close_started",
     )
 
-    def __init__(self, shard: Shard, task_id: int, replica: int) -> None:
+    def __init__(self, shard: Shard, task_ids: list[int], replica: int) -> None:
         self.shard = shard
-        self.task_id = task_id
         self.replica = replica
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.head_done = False
         self.closing = False
-        self.last_version = 0
-        self.last_progress = 0
-        self.first_event_at = 0.0
-        self.terminal_at = 0.0
         self.ready: asyncio.Future[None] | None = None
         self.error = ""
+        self.watches = [Watch(self, task_id) for task_id in task_ids]
+        self.by_task = {watch.task_id: watch for watch in self.watches}
+        self.awaiting_first = len(self.watches)  # watches without their first event
+        self.unfinished = len(self.watches)  # watches without their terminal state
+        self.unsettled = len(self.watches)  # watches neither terminal nor failed
+        self.close_started = False  # the client began closing (churn, or /ws when done)
+
+    @property
+    def task_id(self) -> int:
+        return self.watches[0].task_id
 
     def request(self) -> bytes:
         raise NotImplementedError
@@ -394,8 +495,10 @@ class Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if not self.closing and not self.error:
-            if self.terminal_at:
+        if self.close_started and not self.closing:
+            self.closed_by_client()
+        elif not self.closing and not self.error:
+            if not self.unfinished:
                 self.ended_after_terminal()
             else:
                 detail = f" ({type(exc).__name__}: {exc})" if exc else ""
@@ -406,8 +509,15 @@ class Client(asyncio.Protocol):
     def ended_after_terminal(self) -> None:
         """The server closed after the terminal state: fine (WebSocket checks the code)."""
 
+    def closed_by_client(self) -> None:
+        """The connection ended after the client began closing it (WebSocket checks that the
+        server answered the close frame)."""
+
     def close_detail(self) -> str:
         return ""
+
+    def all_settled(self) -> None:
+        """Every task of this connection is terminal (or failed)."""
 
     def _read_head(self, expected_status: bytes) -> list[bytes] | None:
         """The response head's header lines once complete (consumed from `buf`), else None."""
@@ -446,6 +556,10 @@ class Client(asyncio.Protocol):
             self.transport.close()
         self._resolve()
 
+    def client_close(self) -> None:
+        """Churn: the client ends the connection (SSE: closes TCP)."""
+        self.close()
+
     def abort(self) -> None:
         self.closing = True
         if self.transport is not None:
@@ -458,8 +572,8 @@ class SSEClient(Client):
 
     __slots__ = ("sse_buf", "chunked", "ended")
 
-    def __init__(self, shard: Shard, task_id: int, replica: int) -> None:
-        super().__init__(shard, task_id, replica)
+    def __init__(self, shard: Shard, task_ids: list[int], replica: int) -> None:
+        super().__init__(shard, task_ids, replica)
         self.sse_buf = b""
         self.chunked = False
         self.ended = False
@@ -510,7 +624,7 @@ class SSEClient(Client):
         if pos:
             del buf[:pos]
         if self.ended:
-            if not self.terminal_at:
+            if self.unfinished:
                 self.shard.client_failed(self, "stream ended without a terminal state")
             self.close()
 
@@ -553,12 +667,13 @@ class WSClient(Client):
 
     Server frames are unmasked: text (task frames), close (echoed, then the server closes the
     TCP connection), ping (answered with a masked pong). The socket sends nothing else: a
-    per-task socket takes no ops."""
+    per-task socket takes no ops. Churn closes it from the client side: a masked close 1000,
+    and once the server's close frame has come, the client closes TCP."""
 
     __slots__ = ("accept", "fragments", "close_code", "close_reason", "close_sent")
 
-    def __init__(self, shard: Shard, task_id: int, replica: int) -> None:
-        super().__init__(shard, task_id, replica)
+    def __init__(self, shard: Shard, task_ids: list[int], replica: int) -> None:
+        super().__init__(shard, task_ids, replica)
         self.accept = b""
         self.fragments: bytearray | None = None
         self.close_code = 0
@@ -569,6 +684,9 @@ class WSClient(Client):
         key = base64.b64encode(os.urandom(16))
         self.accept = ws_accept(key)
         return self.shard.ws_request(self.task_id, self.replica, key)
+
+    def opened(self) -> None:
+        """After the 101: a per-task socket sends nothing."""
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
@@ -588,6 +706,7 @@ class WSClient(Client):
             else:
                 self.fail("101 without Sec-WebSocket-Accept")
                 return
+            self.opened()
         pos, size = 0, len(buf)
         while size - pos >= 2 and not self.closing:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -635,7 +754,14 @@ class WSClient(Client):
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             self.close_reason = payload[2:].decode(errors="replace")
             self.shard.close_codes[self.close_code] += 1
-            if not self.close_sent and self.transport is not None:
+            if self.close_started:
+                # The server's answer to the client's close: the handshake is complete, and the
+                # client closes TCP (RFC 6455 7.1.1 allows it once both close frames passed).
+                if self.close_code != 1000:
+                    self.shard.violations[f"close {self.close_code} in answer to the client's "
+                                          "close 1000"] += 1
+                self.close()
+            elif not self.close_sent and self.transport is not None:
                 self.close_sent = True  # echo the code; the server then closes TCP
                 self.transport.write(ws_client_frame(WS_CLOSE, payload[:2]))
         elif opcode == WS_PONG:
@@ -643,15 +769,63 @@ class WSClient(Client):
         else:
             self.shard.other_events[f"ws opcode {opcode}"] += 1
 
+    def start_close(self) -> None:
+        """The client's close handshake: a masked close 1000, then wait for the server's."""
+        if self.transport is None or self.close_sent or self.closing:
+            return
+        self.close_sent = self.close_started = True
+        self.transport.write(ws_client_frame(WS_CLOSE, (1000).to_bytes(2, "big")))
+
+    def client_close(self) -> None:
+        if self.head_done and self.transport is not None and not self.close_sent:
+            self.start_close()
+        else:
+            self.close()  # no WebSocket yet (or the server already closes): close TCP
+
     def ended_after_terminal(self) -> None:
         if self.close_code != 1000:
             self.shard.violations[f"close {self.close_code or 'missing'} after terminal "
                                   "(expected 1000)"] += 1
 
+    def closed_by_client(self) -> None:
+        if not self.close_code:
+            self.shard.violations["TCP closed without a close frame in answer to the client's "
+                                  "close"] += 1
+
     def close_detail(self) -> str:
         if not self.close_code:
             return ", no close frame"
         return f", close {self.close_code} {self.close_reason!r}"
+
+
+class ManyWSClient(WSClient):
+    """One `GET /ws` socket watching K tasks: the upgrade, one masked text frame
+    `{"op":"subscribe","task_ids":[...]}`, then `subscribed` and task frames. The server does
+    not close it after the terminal states (it drops finished tasks), so once every task of
+    the socket is terminal (or failed), the client closes it: a masked close 1000, and after
+    the server's close frame the client closes TCP. It sends no `{"op":"ping"}`; protocol
+    pings are answered as on per-task sockets."""
+
+    MULTI = True
+
+    __slots__ = ("subscribed",)
+
+    def __init__(self, shard: Shard, task_ids: list[int], replica: int) -> None:
+        super().__init__(shard, task_ids, replica)
+        self.subscribed = False
+
+    def request(self) -> bytes:
+        key = base64.b64encode(os.urandom(16))
+        self.accept = ws_accept(key)
+        return self.shard.ws_many_request(self.replica, key)
+
+    def opened(self) -> None:
+        assert self.transport is not None
+        self.transport.write(ws_client_frame(WS_TEXT, orjson.dumps(
+            {"op": "subscribe", "task_ids": [watch.task_id for watch in self.watches]})))
+
+    def all_settled(self) -> None:
+        self.start_close()
 
 
 def _identity(value: T) -> T:
@@ -665,9 +839,12 @@ class Shard:
         self.ports: list[int] = cfg["ports"]
         self.concurrency: int = cfg["concurrency"]
         self.connect_timeout: float = cfg["connect_timeout"]
-        kind = WSClient if cfg["transport"] == "ws" else SSEClient
-        self.clients: list[Client] = [kind(self, task_id, replica)
-                                      for task_id, replica in cfg["clients"]]
+        kind: type[Client] = SSEClient
+        if cfg["transport"] == "ws":
+            kind = ManyWSClient if cfg.get("ws_endpoint") == "many" else WSClient
+        self.clients: list[Client] = [kind(self, list(task_ids), replica)
+                                      for task_ids, replica in cfg["clients"]]
+        self.watches: list[Watch] = [w for client in self.clients for w in client.watches]
         self._requests: dict[tuple[int, int], bytes] = {}
         self.window = False
         self.latencies: dict[int, list[float]] = {r: [] for r in range(len(self.ports))}
@@ -680,6 +857,7 @@ class Shard:
         self.dead = 0
         self.keepalives = 0
         self.pings = 0
+        self.subscribed = 0
         self.close_codes: Counter[int] = Counter()
         self.last_delivery = 0.0
         self.first_delivery = 0.0
@@ -704,7 +882,13 @@ class Shard:
         return request
 
     def ws_request(self, task_id: int, replica: int, key: bytes) -> bytes:
-        return (f"GET /tasks/{task_id}/ws HTTP/1.1\r\nHost: 127.0.0.1:{self.ports[replica]}\r\n"
+        return self._ws_request(f"/tasks/{task_id}/ws", replica, key)
+
+    def ws_many_request(self, replica: int, key: bytes) -> bytes:
+        return self._ws_request("/ws", replica, key)
+
+    def _ws_request(self, path: str, replica: int, key: bytes) -> bytes:
+        return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.ports[replica]}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                 f"Sec-WebSocket-Key: {key.decode()}\r\n\r\n").encode()
 
@@ -733,9 +917,29 @@ class Shard:
             self.violations["undecodable frame"] += 1
             return
         if kind == "task":
+            if client.MULTI and not cast(ManyWSClient, client).subscribed:
+                self.violations["task frame before subscribed"] += 1
             self.on_task(client, frame.get("data"), b"", now)
         elif kind == "error":
-            client.fail(f"error frame {frame.get('code')}: {frame.get('msg')}")
+            reason = f"error frame {frame.get('code')}: {frame.get('msg')}"
+            task_ids = frame.get("task_ids")
+            if client.MULTI and isinstance(task_ids, list):
+                self.errors[_error_class(reason)] += 1  # these tasks only; the others go on
+                for task_id in task_ids:
+                    watch = client.by_task.get(task_id)
+                    if watch is not None:
+                        self.watch_failed(watch, reason)
+            else:
+                client.fail(reason)
+        elif kind == "subscribed" and client.MULTI:
+            many = cast(ManyWSClient, client)
+            self.subscribed += 1
+            if many.subscribed:
+                self.violations["second subscribed frame"] += 1
+            many.subscribed = True
+            listed = frame.get("task_ids")
+            if not isinstance(listed, list) or sorted(listed) != sorted(many.by_task):
+                self.violations["subscribed frame lists other task ids"] += 1
         else:
             self.other_events[f"ws {kind}"] += 1
 
@@ -748,19 +952,29 @@ class Shard:
         except (ValueError, KeyError, TypeError):
             self.violations["undecodable task state"] += 1
             return
-        if task.get("task_id") != client.task_id:
-            self.violations["event for another task"] += 1
+        if client.MULTI:
+            found = client.by_task.get(task.get("task_id"))
+            if found is None:
+                self.violations["event for a task the socket did not subscribe to"] += 1
+                return
+            watch = found
+        else:
+            watch = client.watches[0]
+            if task.get("task_id") != watch.task_id:
+                self.violations["event for another task"] += 1
         if event_id and event_id != b"%d" % version:
             self.violations["id differs from version"] += 1
-        if version <= client.last_version:
+        if version <= watch.last_version:
             self.violations["version not increasing (duplicate/regression)"] += 1
-        if progress < client.last_progress:
+        if progress < watch.last_progress:
             self.violations["progress decreased"] += 1
-        client.last_version, client.last_progress = version, progress
-        if not client.first_event_at:
-            client.first_event_at = now
+        watch.last_version, watch.last_progress = version, progress
+        if not watch.first_event_at:
+            watch.first_event_at = now
             self.first_events += 1
-            client._resolve()
+            client.awaiting_first -= 1
+            if not client.awaiting_first:
+                client._resolve()
         latency = now * 1000.0 - updated_at
         if self.window:
             self.deliveries += 1
@@ -774,33 +988,56 @@ class Shard:
                 self.first_delivery = now
         else:
             self.pre_window_deliveries += 1
-        if status in TERMINAL_STATUSES and not client.terminal_at:
-            client.terminal_at = now
+        if status in TERMINAL_STATUSES and not watch.terminal_at:
+            watch.terminal_at = now
             self.terminals += 1
             if self.window:
                 self.terminal_latencies.append(latency)
+            client.unfinished -= 1
+            if not watch.error:
+                self._settle_one(client)
             self._check_settled()
 
+    def _settle_one(self, client: Client) -> None:
+        client.unsettled -= 1
+        if not client.unsettled:
+            client.all_settled()
+
     def client_failed(self, client: Client, reason: str) -> None:
+        """The connection failed: every watch of it without a terminal state is lost."""
         if client.error:
             return
         client.error = reason
         self.errors[_error_class(reason)] += 1
-        if not client.terminal_at:
-            self.dead += 1
-            self._check_settled()
+        for watch in client.watches:
+            if not watch.terminal_at and not watch.error:
+                watch.error = reason
+                self.dead += 1
+                client.unsettled -= 1
+        self._check_settled()
+
+    def watch_failed(self, watch: Watch, reason: str) -> None:
+        """One task of a `/ws` socket failed (an error frame naming it)."""
+        if watch.error or watch.terminal_at:
+            return
+        watch.error = reason
+        self.dead += 1
+        self._settle_one(watch.client)
+        self._check_settled()
 
     def _check_settled(self) -> None:
         if (self.window and not self.settled_sent
-                and self.terminals + self.dead >= len(self.clients)):
+                and self.terminals + self.dead >= len(self.watches)):
             self.settled_sent = True
             self.settled_info = {"wall": time.time(), "terminals": self.terminals,
-                                 "dead": self.dead, "clients": len(self.clients)}
+                                 "dead": self.dead, "clients": len(self.watches)}
             emit({"ev": "settled", **self.settled_info})
 
     # phases ------------------------------------------------------------------------------
 
     async def connect_all(self) -> dict[str, Any]:
+        """Connect every socket, each until it has the first task state of every task it
+        watches (or failed)."""
         loop = asyncio.get_running_loop()
         indexes = iter(range(len(self.clients)))
 
@@ -815,7 +1052,7 @@ class Shard:
                 except (OSError, TimeoutError) as exc:
                     self.client_failed(client, f"connect failed: {type(exc).__name__}: {exc}")
                     continue
-                await client.ready  # first event, or the client failed
+                await client.ready  # first event(s), or the client failed
 
         workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         timed_out = False
@@ -828,16 +1065,22 @@ class Shard:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-        firsts = [c for c in self.clients if c.first_event_at]
+        firsts = [w for w in self.watches if w.first_event_at]
+        ready_by_replica: Counter[int] = Counter(
+            c.replica for c in self.clients if not c.awaiting_first)
         return {
             "ev": "connected",
-            "clients": len(self.clients),
+            "clients": len(self.watches),
+            "sockets": len(self.clients),
             "with_first_event": len(firsts),
+            "sockets_ready": sum(ready_by_replica.values()),
+            "sockets_ready_by_replica": {str(k): v for k, v in ready_by_replica.items()},
             "timed_out": timed_out,
-            "first_event_walls": [c.first_event_at for c in firsts],
-            "first_event_replicas": [c.replica for c in firsts],
+            "first_event_walls": [w.first_event_at for w in firsts],
+            "first_event_replicas": [w.client.replica for w in firsts],
             "errors": dict(self.errors),
             "error_samples": self._error_samples(),
+            "violations": dict(self.violations),
         }
 
     def open_window(self) -> dict[str, Any]:
@@ -852,26 +1095,29 @@ class Shard:
             c.replica for c in self.clients if c.transport is not None)
         return {"ev": "status", "open": sum(open_by_replica.values()),
                 "open_by_replica": {str(k): v for k, v in open_by_replica.items()},
-                "clients": len(self.clients), "errors": dict(self.errors),
+                "clients": len(self.watches), "sockets": len(self.clients),
+                "errors": dict(self.errors),
                 "error_samples": self._error_samples(), "keepalives": self.keepalives,
                 "pings": self.pings, "close_codes": {str(k): v for k, v in
-                                                     self.close_codes.items()}}
+                                                     self.close_codes.items()},
+                "violations": dict(self.violations)}
 
     def report(self) -> dict[str, Any]:
         lost: Counter[str] = Counter()
         lost_by_replica: Counter[int] = Counter()
-        for client in self.clients:
-            if not client.terminal_at:
-                lost_by_replica[client.replica] += 1
-                if client.error:
-                    lost[_error_class(client.error)] += 1
-                elif not client.first_event_at:
+        for watch in self.watches:
+            if not watch.terminal_at:
+                lost_by_replica[watch.client.replica] += 1
+                if watch.error:
+                    lost[_error_class(watch.error)] += 1
+                elif not watch.first_event_at:
                     lost["no event at all"] += 1
                 else:
                     lost["still open, terminal state not received"] += 1
         return {
             "ev": "report",
-            "clients": len(self.clients),
+            "clients": len(self.watches),
+            "sockets": len(self.clients),
             "deliveries": self.deliveries,
             "deliveries_by_replica": {str(k): v for k, v in self.deliveries_by_replica.items()},
             "pre_window_deliveries": self.pre_window_deliveries,
@@ -887,6 +1133,7 @@ class Shard:
             "other_events": dict(self.other_events),
             "keepalives": self.keepalives,
             "pings": self.pings,
+            "subscribed_frames": self.subscribed,
             "close_codes": {str(k): v for k, v in self.close_codes.items()},
             "open_at_report": sum(1 for c in self.clients if c.transport is not None),
             "errors": dict(self.errors),
@@ -902,12 +1149,34 @@ class Shard:
     def _error_samples(self) -> list[str]:
         samples: dict[str, str] = {}
         for client in self.clients:
-            if client.error:
-                samples.setdefault(_error_class(client.error), f"task {client.task_id}: "
-                                   f"{client.error}")
+            for watch in client.watches:
+                error = client.error or watch.error
+                if error:
+                    samples.setdefault(_error_class(error), f"task {watch.task_id}: {error}")
+                    break
             if len(samples) >= 5:
                 break
         return list(samples.values())
+
+    async def close_from_client(self, timeout: float) -> dict[str, Any]:
+        """Churn: every open connection is closed by the client (SSE: TCP close; WebSocket:
+        close 1000, the server's close frame, then TCP close); bounded, then aborted."""
+        started = time.monotonic()
+        opened = [c for c in self.clients if c.transport is not None]
+        for client in opened:
+            client.client_close()
+        deadline = started + timeout
+        while time.monotonic() < deadline and any(c.transport is not None for c in opened):
+            await asyncio.sleep(0.05)
+        stuck = [c for c in opened if c.transport is not None]
+        for client in stuck:
+            client.abort()
+        return {"ev": "client_closed", "closed": len(opened) - len(stuck),
+                "aborted_after_timeout": len(stuck),
+                "took_s": round(time.monotonic() - started, 3),
+                "close_codes": {str(k): v for k, v in self.close_codes.items()},
+                "violations": dict(self.violations), "errors": dict(self.errors),
+                "error_samples": self._error_samples()}
 
     def abort_all(self) -> None:
         for client in self.clients:
@@ -949,6 +1218,16 @@ async def shard_main(cfg: dict[str, Any]) -> None:
                 emit(shard.status())
             elif command == "report":
                 emit(shard.report())
+            elif command == "client_close":
+                emit(await shard.close_from_client(cfg["close_wait"]))
+            elif command == "reset":  # churn: a new round with fresh clients
+                shard.abort_all()
+                lag_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lag_task
+                shard = Shard(cfg)
+                lag_task = asyncio.create_task(shard.lag_monitor())
+                emit({"ev": "reset"})
             elif command == "close":
                 shard.abort_all()
                 await asyncio.sleep(0.1)
@@ -1552,8 +1831,13 @@ def raise_nofile(wanted: int) -> dict[str, Any]:
 
 
 async def wait_closed(shards: Sequence[Child], timeout: float) -> dict[str, Any]:
-    """After the report: how long until the server has closed every connection that got its
-    terminal state (SSE ends the stream, a per-task WebSocket closes with 1000)."""
+    """After the report: how long until every connection that got its terminal state is
+    closed. SSE: the server ends the stream; a per-task WebSocket: the server closes with 1000
+    (the client echoes it). A `/ws` socket stays open after its tasks finish, so there the
+    client starts the close once all its tasks are terminal (close 1000), and this measures
+    until the server has answered with its close frame (the client then closes TCP).
+    `violations` are all order and close-code violations counted by then (close problems
+    show up after the report)."""
     started = time.monotonic()
     statuses: list[dict[str, Any]] = []
     while True:
@@ -1568,29 +1852,42 @@ async def wait_closed(shards: Sequence[Child], timeout: float) -> dict[str, Any]
         close_codes.update(status["close_codes"])
     return {"open_after_wait": still_open, "waited_s": _round(waited, 2),
             "timeout_s": timeout, "ws_close_codes": dict(close_codes),
-            "errors": dict(sum((Counter(s["errors"]) for s in statuses), Counter()))}
+            "errors": dict(sum((Counter(s["errors"]) for s in statuses), Counter())),
+            "violations": dict(sum((Counter(s["violations"]) for s in statuses), Counter()))}
 
 
-def replica_of(client: int, tasks: int, replicas: int, assign: str) -> int:
-    """Which gateway replica client i connects to.
+def replica_of(client: int, tasks: int, replicas: int, assign: str, per_socket: int = 1) -> int:
+    """Which gateway replica client (socket) i connects to.
 
     `client`: round-robin over the clients (i % K). Client i watches task i % T + 1, so when K
     divides T every watcher of a task lands on the same replica (task affinity: each replica
     subscribes to T/K tasks). `watcher`: the watchers of each task are dealt round-robin over
     the replicas ((i // T) % K), as a balancer without affinity would: every replica then
-    subscribes to every task and receives every event from Redis."""
+    subscribes to every task and receives every event from Redis. With `/ws` sockets of
+    `per_socket` tasks, i is the socket and its first watcher is i * per_socket."""
     if assign == "watcher":
-        return (client // tasks) % replicas
+        return (client * per_socket // tasks) % replicas
     return client % replicas
 
 
+def socket_tasks(socket_index: int, tasks: int, per_socket: int) -> list[int]:
+    """The task ids socket s watches: slot j watches task ((s * K + j) % T) + 1, so every task
+    gets N/T watchers in all, spread as with one task per socket (K = 1: task s % T + 1)."""
+    first = socket_index * per_socket
+    return [(first + slot) % tasks + 1 for slot in range(per_socket)]
+
+
 def shard_plan(clients: int, tasks: int, requested: int, replicas: int = 1,
-               assign: str = "client") -> list[list[tuple[int, int]]]:
-    """(task id, replica) per client (client i watches task i % T + 1), split into shards."""
+               assign: str = "client", per_socket: int = 1) -> list[list[tuple[list[int], int]]]:
+    """(task ids, replica) per socket (socket s watches `socket_tasks(s)`; with one task per
+    socket, client i watches task i % T + 1), split into shards."""
+    sockets = clients // per_socket
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     per_shard = max(1, soft - 256)
-    count = requested or max(1, math.ceil(clients / per_shard))
-    plan = [(i % tasks + 1, replica_of(i, tasks, replicas, assign)) for i in range(clients)]
+    count = requested or max(1, math.ceil(sockets / per_shard))
+    plan = [(socket_tasks(s, tasks, per_socket), replica_of(s, tasks, replicas, assign,
+                                                            per_socket))
+            for s in range(sockets)]
     return [plan[k::count] for k in range(count)]
 
 
@@ -1606,6 +1903,157 @@ class GatewayProc:
         self.log = log
 
 
+def run_budget(args: argparse.Namespace) -> float:
+    """Seconds the measured part of a run may take (children and coordinator add a margin)."""
+    budget: float
+    if args.churn:
+        budget = args.churn * (args.connect_timeout + args.hold + 2 * args.close_wait
+                               + args.settle + 30.0)
+    else:
+        budget = (args.connect_timeout + args.duration + args.tasks / args.rate + args.grace
+                  + args.hold)
+    return budget
+
+
+async def run_churn(args: argparse.Namespace, shards: Sequence[Child],
+                    gateways: Sequence[GatewayProc], summary: dict[str, Any]) -> None:
+    """`--churn R`: R rounds of: connect N watchers (each connection until its first task
+    state), hold `--hold` s, close every connection from the client side, wait (at most
+    `--close-wait` s) until the server's `taskcast_open_connections` gauge for the transport
+    is 0, wait `--settle` s, read the server's VmRSS. Nothing is published."""
+    pids = [g.pid for g in gateways]
+    gauge = f'taskcast_open_connections{{transport="{args.transport}"}}'
+    sockets = args.clients // args.tasks_per_socket
+    polls = 0
+
+    def cpu() -> float:
+        return sum(proc_cpu_s(p) for p in pids)
+
+    def rss() -> int:
+        return sum(proc_rss_kib(p) for p in pids)
+
+    async def open_gauge() -> float | None:
+        """The gauge summed over the replicas; None when /metrics did not answer. A labelled
+        gauge appears with its first connection, so before that its absence means 0."""
+        nonlocal polls
+        polls += 1
+        values = [await gateway_metrics(g.port) for g in gateways]
+        if any("metrics_unavailable" in v or "metrics_status" in v for v in values):
+            return None
+        return sum(v.get(gauge, 0.0) for v in values)
+
+    await asyncio.sleep(args.settle)
+    rss_start = rss()
+    gauge_start = await open_gauge()
+    rounds: list[dict[str, Any]] = []
+    for number in range(1, args.churn + 1):
+        if number > 1:
+            for shard in shards:
+                await shard.request("reset", 60)
+        ticks_start = core_ticks()
+        cpu_start = cpu()
+        t0 = time.time()
+        for shard in shards:
+            await shard.send("connect")
+        connected = [await shard.reply(args.connect_timeout + 60) for shard in shards]
+        t_connected = time.time()
+        cpu_connected = cpu()
+        rss_connected = rss()
+        firsts = [wall for reply in connected for wall in reply["first_event_walls"]]
+        ready = sum(reply["sockets_ready"] for reply in connected)
+        await asyncio.sleep(args.hold)
+        statuses = [await shard.request("status", 60) for shard in shards]
+        closed = [await shard.request("client_close", args.close_wait + 60) for shard in shards]
+        polls_before = polls
+        gauge_started = time.monotonic()
+        while True:
+            gauge_value = await open_gauge()
+            gauge_waited = time.monotonic() - gauge_started
+            if gauge_value == 0 or gauge_waited >= args.close_wait:
+                break
+            await asyncio.sleep(0.1)
+        cpu_closed = cpu()
+        ticks_closed = core_ticks()
+        t_closed = time.time()
+        await asyncio.sleep(args.settle)
+        rss_after = rss()
+        errors: Counter[str] = Counter()
+        violations: Counter[str] = Counter()
+        close_codes: Counter[str] = Counter()
+        for reply in closed:
+            errors.update(reply["errors"])
+            violations.update(reply["violations"])
+            close_codes.update(reply["close_codes"])
+        record: dict[str, Any] = {
+            "round": number,
+            "connections": sockets,
+            "with_first_event": len(firsts),
+            "connections_ready": ready,
+            "failed": args.clients - len(firsts),
+            "connect_time_s": _round(max(firsts) - t0 if len(firsts) == args.clients
+                                     else None),
+            "open_after_hold": sum(st["open"] for st in statuses),
+            "client_close": {
+                "closed": sum(reply["closed"] for reply in closed),
+                "aborted_after_timeout": sum(reply["aborted_after_timeout"] for reply in closed),
+                "took_s": max((reply["took_s"] for reply in closed), default=0.0),
+                "ws_close_codes": dict(close_codes),
+            },
+            "open_gauge_after_close": gauge_value,
+            "open_gauge_zero": gauge_value == 0,
+            "open_gauge_wait_s": _round(gauge_waited, 2),
+            "metrics_polls": polls - polls_before,
+            "rss_connected_kib": rss_connected,
+            "rss_after_round_kib": rss_after,
+            "fds_after_round": sum(proc_fd_count(p) for p in pids),
+            "gateway_cpu_connect_s": _round(cpu_connected - cpu_start),
+            "gateway_cpu_us_per_connection": _round(
+                (cpu_connected - cpu_start) * 1e6 / ready, 1) if ready else None,
+            "gateway_cpu_round_s": _round(cpu_closed - cpu_start),
+            "gateway_cpu_us_per_connection_cycle": _round(
+                (cpu_closed - cpu_start) * 1e6 / ready, 1) if ready else None,
+            "round_s": _round(t_closed - t0, 2),
+            "connect_s": _round(t_connected - t0, 3),
+            "errors": dict(errors),
+            "error_samples": [x for reply in closed for x in reply["error_samples"]][:5],
+            "violations": dict(violations),
+            "machine": core_busy(ticks_start, ticks_closed),
+        }
+        record["gateway_core_busy_by_others_pct"] = _others(
+            {"gateway_cpu_util_pct": _round(100.0 * (cpu_closed - cpu_start)
+                                            / max(1e-9, t_closed - t0), 1),
+             "machine": record["machine"]}, args.gateway_cpu)
+        rounds.append(record)
+    first, last = rounds[0]["rss_after_round_kib"], rounds[-1]["rss_after_round_kib"]
+    growth = 100.0 * (last - first) / max(1, first)
+    summary["churn"] = {
+        "rounds": args.churn,
+        "transport": args.transport,
+        "ws_endpoint": args.ws_endpoint if args.transport == "ws" else None,
+        "tasks_per_socket": args.tasks_per_socket,
+        "watchers_per_round": args.clients,
+        "connections_per_round": sockets,
+        "hold_s": args.hold,
+        "settle_s": args.settle,
+        "close_wait_s": args.close_wait,
+        "open_gauge": gauge + (" (sum over replicas)" if len(gateways) > 1 else ""),
+        "open_gauge_before_rounds": gauge_start,
+        "rss_before_rounds_kib": rss_start,
+        "rss_after_round_kib": [r["rss_after_round_kib"] for r in rounds],
+        "rss_growth_round_1_to_last_pct": _round(growth, 2),
+        "rss_growth_per_round_kib": _round((last - first) / (len(rounds) - 1), 1)
+        if len(rounds) > 1 else None,
+        "rss_round_last_within_10pct_of_round_1": growth <= 10.0,
+        "gateway_cpu_us_per_connection_by_round": [r["gateway_cpu_us_per_connection"]
+                                                   for r in rounds],
+        "gateway_cpu_us_per_connection_cycle_by_round": [
+            r["gateway_cpu_us_per_connection_cycle"] for r in rounds],
+        "all_rounds_connected": all(r["failed"] == 0 for r in rounds),
+        "all_rounds_open_gauge_zero": all(r["open_gauge_zero"] for r in rounds),
+        "per_round": rounds,
+    }
+
+
 async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[int],
                      gateways: list[GatewayProc], workdir: Path,
                      summary: dict[str, Any]) -> None:
@@ -1616,20 +2064,37 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
     await create_tasks(redis_url, task_ids)
 
     plan = shard_plan(args.clients, args.tasks, args.client_procs, len(gateways),
-                      args.replica_assign)
-    assigned = Counter(replica for shard_clients in plan for _, replica in shard_clients)
+                      args.replica_assign, args.tasks_per_socket)
+    assigned: Counter[int] = Counter()
+    assigned_sockets: Counter[int] = Counter()
+    for shard_clients in plan:
+        for ids, index in shard_clients:
+            assigned[index] += len(ids)
+            assigned_sockets[index] += 1
     summary["scenario"]["client_procs"] = len(plan)
-    max_runtime = args.connect_timeout + args.duration + args.tasks / args.rate + args.grace
-    max_runtime += args.hold + 300.0
+    max_runtime = run_budget(args) + 300.0
     children: list[Child] = []
     profiler = PySpy(args.py_spy, args.py_spy_phase, args.py_spy_native)
     child_log = (workdir / "children.log").open("ab")
     replicas: list[dict[str, Any]] = [
         {"replica": g.index, "port": g.port, "pid": g.pid, "clients": assigned[g.index]}
         for g in gateways]
+    if args.tasks_per_socket > 1:
+        for replica in replicas:
+            replica["sockets"] = assigned_sockets[replica["replica"]]
+    # The raw server serves only the open-connection gauges (for --churn): the other figures
+    # taken from /metrics would read as zeros, so they are skipped and marked as such.
+    skip_metrics = args.server == "raw"
 
     async def metrics_all() -> list[dict[str, float]]:
+        if skip_metrics:
+            return [{} for _ in gateways]
         return [await gateway_metrics(g.port) for g in gateways]
+
+    def mdelta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+        if skip_metrics:
+            return {"skipped": "--server raw has no taskcast metrics"}
+        return metrics_delta(before, after)
 
     def cpu_all() -> dict[int, float]:
         return {p: proc_cpu_s(p) for p in pids}
@@ -1641,13 +2106,16 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
         shards = [
             await spawn_child(f"shard {k}", "--shard-child", {
                 "ports": [g.port for g in gateways], "clients": shard_clients,
-                "transport": args.transport,
+                "transport": args.transport, "ws_endpoint": args.ws_endpoint,
                 "concurrency": max(1, math.ceil(args.connect_concurrency / len(plan))),
                 "connect_timeout": args.connect_timeout, "max_runtime": max_runtime,
-                "rt": args.rt,
+                "close_wait": args.close_wait, "rt": args.rt,
             }, child_log, children)
             for k, shard_clients in enumerate(plan)
         ]
+        if args.churn:
+            await run_churn(args, shards, gateways, summary)
+            return
         publisher: Child | None = None
         if not args.idle_only:
             publisher = await spawn_child("publisher", "--publisher-child", {
@@ -1683,8 +2151,15 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
                                      strict=True):
                 firsts_by_replica[replica].append(wall)
         connect_errors: Counter[str] = Counter()
+        ready_by_replica: Counter[int] = Counter()
         for reply in connected:
             connect_errors.update(reply["errors"])
+            ready_by_replica.update({int(k): v for k, v in
+                                     reply["sockets_ready_by_replica"].items()})
+        # A connection is ready once it has the first state of every task it watches: with
+        # one task per socket that is every client with a first event; on /ws sockets of K
+        # tasks, RSS and CPU per connection are per socket.
+        sockets_ready = sum(reply["sockets_ready"] for reply in connected)
         all_connected = len(firsts) == args.clients
         connect_profile = profiler.stop()
         await asyncio.sleep(args.settle)
@@ -1702,16 +2177,26 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
             "errors": dict(connect_errors),
             "error_samples": [s for reply in connected for s in reply["error_samples"]][:8],
             "gateway_cpu_s": _round(connect_cpu),
-            "gateway_cpu_us_per_connection": _round(connect_cpu * 1e6 / max(1, len(firsts)), 1),
+            "gateway_cpu_us_per_connection": _round(connect_cpu * 1e6 / max(1, sockets_ready),
+                                                    1),
             "gateway_cpu_util_pct": _round(
                 100.0 * connect_cpu / max(1e-9, t_connected - t0), 1),
             "machine": core_busy(ticks_before, ticks_connected),
         }
+        if args.ws_endpoint == "many":
+            summary["connect"].update({
+                "ws_endpoint": "/ws", "tasks_per_socket": args.tasks_per_socket,
+                "sockets": args.clients // args.tasks_per_socket, "sockets_ready": sockets_ready,
+                "gateway_cpu_us_per_watcher": _round(connect_cpu * 1e6 / max(1, len(firsts)),
+                                                     1),
+                "violations": dict(sum((Counter(r["violations"]) for r in connected),
+                                       Counter())),
+            })
         summary["connect"]["gateway_core_busy_by_others_pct"] = _others(
             summary["connect"], args.gateway_cpu)
         metrics_connected = await metrics_all()
-        summary["gateway_metrics_connect"] = metrics_delta(sum_metrics(metrics_start),
-                                                           sum_metrics(metrics_connected))
+        summary["gateway_metrics_connect"] = mdelta(sum_metrics(metrics_start),
+                                                    sum_metrics(metrics_connected))
         rss_delta = sum(rss_idle.values()) - sum(rss_before.values())
         summary["memory"] = {
             "rss_before_kib": sum(rss_before.values()),
@@ -1719,26 +2204,30 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
             "rss_idle_kib": sum(rss_idle.values()),
             "fds_before": sum(fds_before.values()),
             "fds_idle": sum(fds_idle.values()),
-            "rss_per_idle_connection_kib": _round(rss_delta / max(1, len(firsts)), 2),
+            "rss_per_idle_connection_kib": _round(rss_delta / max(1, sockets_ready), 2),
         }
+        if args.ws_endpoint == "many":
+            summary["memory"]["rss_per_idle_watcher_kib"] = _round(
+                rss_delta / max(1, len(firsts)), 2)
         for g, replica in zip(gateways, replicas, strict=True):
             mine = firsts_by_replica[g.index]
+            ready = ready_by_replica[g.index]
             cpu = cpu_connected[g.pid] - cpu_before[g.pid]
             replica["connect"] = {
                 "with_first_event": len(mine),
                 "connect_time_s": _round(max(mine) - t0 if len(mine) == replica["clients"]
                                          and mine else None),
                 "gateway_cpu_s": _round(cpu),
-                "gateway_cpu_us_per_connection": _round(cpu * 1e6 / max(1, len(mine)), 1),
+                "gateway_cpu_us_per_connection": _round(cpu * 1e6 / max(1, ready), 1),
             }
             replica["memory"] = {
                 "rss_before_kib": rss_before[g.pid], "rss_idle_kib": rss_idle[g.pid],
                 "fds_idle": fds_idle[g.pid],
                 "rss_per_idle_connection_kib": _round(
-                    (rss_idle[g.pid] - rss_before[g.pid]) / max(1, len(mine)), 2),
+                    (rss_idle[g.pid] - rss_before[g.pid]) / max(1, ready), 2),
             }
-            replica["metrics_connect"] = metrics_delta(metrics_start[g.index],
-                                                       metrics_connected[g.index])
+            replica["metrics_connect"] = mdelta(metrics_start[g.index],
+                                                metrics_connected[g.index])
         if connect_profile is not None:
             summary["profile"] = connect_profile
 
@@ -1768,14 +2257,14 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
                 "ws_close_codes": dict(hold_close_codes),
             }
             metrics_end = await metrics_all()
-            summary["gateway_metrics"] = metrics_delta(sum_metrics(metrics_start),
-                                                       sum_metrics(metrics_end))
+            summary["gateway_metrics"] = mdelta(sum_metrics(metrics_start),
+                                                sum_metrics(metrics_end))
             for g, replica in zip(gateways, replicas, strict=True):
                 replica["idle"] = {
                     "open_after_hold": open_by_replica.get(str(g.index), 0),
                     "gateway_cpu_during_hold_s": _round(cpu_hold[g.pid] - cpu_connected[g.pid]),
                 }
-                replica["metrics"] = metrics_delta(metrics_start[g.index], metrics_end[g.index])
+                replica["metrics"] = mdelta(metrics_start[g.index], metrics_end[g.index])
             return
 
         # -- publish ------------------------------------------------------------------------
@@ -1869,6 +2358,9 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
             "other_events": dict(sum((Counter(r["other_events"]) for r in reports), Counter())),
             "ws_close_codes": dict(close_codes),
             "ws_pings": sum(r["pings"] for r in reports),
+            **({"ws_subscribed_frames": sum(r["subscribed_frames"] for r in reports),
+                "sockets": sum(r["sockets"] for r in reports)}
+               if args.ws_endpoint == "many" else {}),
             "connections_open_at_report": sum(r["open_at_report"] for r in reports),
             "after_terminal": closing,
             "window_s": _round(window_end - wall_go),
@@ -1897,8 +2389,8 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
         summary["publish"]["gateway_core_busy_by_others_pct"] = _others(
             {"gateway_cpu_util_pct": summary["publish"]["gateway_cpu_util_pct"],
              "machine": summary["load_side"]["machine"]}, args.gateway_cpu)
-        summary["gateway_metrics"] = metrics_delta(sum_metrics(metrics_window),
-                                                   sum_metrics(metrics_end))
+        summary["gateway_metrics"] = mdelta(sum_metrics(metrics_window),
+                                            sum_metrics(metrics_end))
         for g, replica in zip(gateways, replicas, strict=True):
             cpu = cpu_window_end[g.pid] - cpu_window_start[g.pid]
             count = deliveries_by_replica[g.index]
@@ -1912,7 +2404,7 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
                 "gateway_cpu_us_per_delivery": _round(cpu * 1e6 / count, 2) if count else None,
                 "rss_after_publish_kib": rss_after[g.pid],
             }
-            replica["metrics"] = metrics_delta(metrics_window[g.index], metrics_end[g.index])
+            replica["metrics"] = mdelta(metrics_window[g.index], metrics_end[g.index])
         summary["timeline"] = timeline(reports, wall_go, gateway_timeline[0])
         summary["publish"]["shards_settled"] = [r["settled"] for r in reports]
         if publish_profile is not None:
@@ -1929,6 +2421,14 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
 
 def evaluate(summary: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     targets: dict[str, Any] = {}
+    if args.churn:
+        churn = summary.get("churn")
+        if churn:
+            targets["churn_rss_stable"] = {
+                "target": "RSS after the last round <= 110 % of RSS after round 1",
+                "measured": f"{churn['rss_growth_round_1_to_last_pct']} %",
+                "met": churn["rss_round_last_within_10pct_of_round_1"]}
+        return targets
     memory = summary.get("memory", {})
     connect = summary.get("connect", {})
     per_conn = memory.get("rss_per_idle_connection_kib")
@@ -1966,10 +2466,59 @@ def evaluate(summary: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     return targets
 
 
+def transport_label(args: argparse.Namespace) -> str:
+    if args.transport == "ws" and args.ws_endpoint == "many":
+        return f"WS /ws K={args.tasks_per_socket} ({args.clients // args.tasks_per_socket} sockets)"
+    return str(args.transport).upper()
+
+
+def churn_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    parts = [f"CHURN {transport_label(args)} N={args.clients} T={args.tasks} "
+             f"{args.churn} rounds, hold {args.hold:g} s"]
+    if args.server == "raw":
+        parts.append("raw ceiling server")
+    if args.replicas > 1:
+        parts.append(f"{args.replicas} replicas")
+    churn = summary.get("churn")
+    if churn:
+        rounds = churn["per_round"]
+        parts.append("RSS after each round " + ", ".join(
+            str(r) for r in churn["rss_after_round_kib"]) + " KiB")
+        parts.append(f"round 1 -> {len(rounds)}: {churn['rss_growth_round_1_to_last_pct']:+} %")
+        parts.append("rss_round_last_within_10pct_of_round_1="
+                     + str(churn["rss_round_last_within_10pct_of_round_1"]).lower())
+        parts.append("CPU us/conn per round (connect) " + ", ".join(
+            str(x) for x in churn["gateway_cpu_us_per_connection_by_round"]))
+        parts.append("(connect+hold+close) " + ", ".join(
+            str(x) for x in churn["gateway_cpu_us_per_connection_cycle_by_round"]))
+        failed = sum(r["failed"] for r in rounds)
+        parts.append(f"connect failures {failed}"
+                     + (f" (WARNING; e.g. {rounds[0]['error_samples'][:1]})" if failed else ""))
+        if not churn["all_rounds_open_gauge_zero"]:
+            parts.append("WARNING: the open-connection gauge did not return to 0: " + ", ".join(
+                f"round {r['round']}: {r['open_gauge_after_close']}" for r in rounds
+                if not r["open_gauge_zero"]))
+        violations = sum(sum(r["violations"].values()) for r in rounds)
+        if violations:
+            parts.append(f"violations {violations}")
+        worst = max((r["gateway_core_busy_by_others_pct"] or 0.0 for r in rounds), default=0.0)
+        if worst > 10.0 and not args.rt:
+            parts.append(f"WARNING: other processes kept the gateway core {worst}% busy")
+    if args.rt:
+        parts.append(f"SCHED_FIFO {args.rt}")
+    if summary.get("error"):
+        parts.append(f"ERROR: {summary['error']}")
+    return " | ".join(parts)
+
+
 def human_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    if args.churn:
+        return churn_line(summary, args)
     connect = summary.get("connect", {})
     memory = summary.get("memory", {})
-    parts = [f"{args.transport.upper()} N={args.clients} T={args.tasks}"]
+    parts = [f"{transport_label(args)} N={args.clients} T={args.tasks}"]
+    if args.server == "raw":
+        parts.append("raw ceiling server")
     if args.replicas > 1:
         parts.append(f"{args.replicas} replicas ({args.replica_assign})")
     if args.cluster:
@@ -2017,6 +2566,25 @@ def human_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
     return " | ".join(parts)
 
 
+def scenario_extras(args: argparse.Namespace) -> dict[str, Any]:
+    """Scenario keys of the newer options, only where they differ from the defaults (so the
+    summaries of the original runs keep their shape)."""
+    extras: dict[str, Any] = {}
+    if args.ws_endpoint == "many":
+        extras["ws_endpoint"] = "/ws"
+        extras["tasks_per_socket"] = args.tasks_per_socket
+        extras["sockets"] = args.clients // args.tasks_per_socket
+    if args.server == "raw":
+        extras["server"] = "raw (bench/raw_ws_server.py, a ceiling)"
+        extras["raw_server_sha1"] = hashlib.sha1(RAW_SERVER.read_bytes()).hexdigest()[:12]
+        extras["gateway_metrics"] = ("skipped: the raw server serves only "
+                                     "taskcast_open_connections (used by --churn)")
+    if args.churn:
+        extras.update(churn_rounds=args.churn, hold_s=args.hold, settle_s=args.settle,
+                      close_wait_s=args.close_wait)
+    return extras
+
+
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     cpus = os.sched_getaffinity(0)
     if args.client_cpu not in cpus or args.gateway_cpu not in cpus:
@@ -2037,6 +2605,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             "machine_quiet_at_start": quiet,
             "sched_fifo_priority": args.rt,
             "gateway_gc_threshold": args.gateway_gc_threshold or "as shipped (taskcast.cli)",
+            **scenario_extras(args),
             "nofile": limits, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpus": os.cpu_count(), "gateway_python": python,
             "versions": gateway_versions(python),
@@ -2066,13 +2635,16 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             entry = ["-c", "import gc, sys; import taskcast.cli as cli; "
                      f"cli._tune_gc = lambda: gc.set_threshold({args.gateway_gc_threshold}); "
                      "sys.exit(cli.main(sys.argv[1:]))"]
+        if args.server == "raw":
+            # The ceiling server in place of `taskcast serve`: same flags, core, priority.
+            entry = [str(RAW_SERVER)]
         for index in range(args.replicas):
             port = free_port()
             log_path = workdir / f"gateway{index}.log"
             with log_path.open("wb") as log:
                 proc = subprocess.Popen(
                     ["taskset", "-c", str(args.gateway_cpu), *rt_prefix(args.rt), python,
-                     *entry, "serve",
+                     *entry, *(["serve"] if args.server == "taskcast" else []),
                      "--redis-url", redis_url, "--prefix", PREFIX, "--port", str(port),
                      "--log-level", "warning"],
                     stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -2084,8 +2656,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             run_loop(asyncio.wait_for(
                 coordinate(args, redis_url, [p.pid for p in redis_procs], gateways, workdir,
                            summary),
-                args.connect_timeout + args.duration + args.tasks / args.rate + args.grace
-                + args.hold + 600.0))
+                run_budget(args) + 600.0))
         except Exception as exc:  # reported in the summary; the finally still cleans up
             summary["error"] = f"{type(exc).__name__}: {exc}"
         summary["scenario"]["other_benchmarks_at_end"] = foreign_benchmarks(
@@ -2127,7 +2698,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="N client connections (SSE streams or WebSockets)")
     parser.add_argument("--transport", choices=("sse", "ws"), default="sse",
                         help="sse: GET /tasks/{id}/events; ws: a raw WebSocket to "
-                        "/tasks/{id}/ws (one task per socket, closed 1000 after the terminal)")
+                        "/tasks/{id}/ws (one task per socket, closed 1000 after the terminal), "
+                        "or to /ws (see --ws-endpoint)")
+    parser.add_argument("--ws-endpoint", choices=("task", "many"), default="task",
+                        help="--transport ws: task = GET /tasks/{id}/ws, one task per socket; "
+                        "many = GET /ws with one subscribe op of --tasks-per-socket task ids; "
+                        "the client closes it (1000) once all its tasks are terminal")
+    parser.add_argument("--tasks-per-socket", type=int, default=1, metavar="K",
+                        help="--ws-endpoint many: tasks per /ws socket; --clients stays the "
+                        "number of watchers (client-task pairs), so sockets = N / K; socket s "
+                        "slot j watches task ((s*K + j) %% T) + 1")
+    parser.add_argument("--server", choices=("taskcast", "raw"), default="taskcast",
+                        help="taskcast: python -m taskcast serve; raw: bench/raw_ws_server.py, "
+                        "a minimal uvloop/asyncio.Protocol server with the same endpoints and "
+                        "frames (a ceiling; /metrics figures are skipped)")
+    parser.add_argument("--churn", type=int, default=0, metavar="ROUNDS",
+                        help="churn/soak mode: ROUNDS x (connect N, hold --hold s, close from "
+                        "the client side, wait until the server's open-connection gauge is 0 "
+                        "(at most --close-wait s), settle --settle s, read VmRSS); no "
+                        "publishing")
     parser.add_argument("--replicas", type=int, default=1,
                         help="K gateway processes on K ports, all pinned to --gateway-cpu; "
                         "clients are spread over them (see --replica-assign)")
@@ -2144,13 +2733,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="D seconds of progress")
     parser.add_argument("--idle-only", action="store_true",
                         help="connect N clients, measure RSS per connection, hold, stop")
-    parser.add_argument("--hold", type=float, default=5.0,
-                        help="--idle-only: seconds to hold the connections before checking")
+    parser.add_argument("--hold", type=float, default=None,
+                        help="--idle-only: seconds to hold the connections before checking "
+                        "(default 5); --churn: seconds each round holds them (default 1)")
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds after the last publish to wait for terminal states")
     parser.add_argument("--close-wait", type=float, default=10.0,
                         help="after the report, seconds to wait for the server to close every "
-                        "connection that got its terminal state")
+                        "connection that got its terminal state (/ws: for the close handshakes "
+                        "the client started); --churn: the bound on the client-side close and "
+                        "on the wait for the open-connection gauge to reach 0")
     parser.add_argument("--connect-concurrency", type=int, default=1000,
                         help="clients connecting at once (connect until first event)")
     parser.add_argument("--connect-timeout", type=float, default=120.0)
@@ -2196,7 +2788,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--clients, --tasks and --rate must be positive")
     if args.tasks > args.clients:
         parser.error("--tasks must not exceed --clients")
-    if not args.idle_only and args.rate * args.duration / args.tasks > 99:
+    if args.hold is None:
+        args.hold = 1.0 if args.churn else 5.0
+    if args.tasks_per_socket < 1:
+        parser.error("--tasks-per-socket must be at least 1")
+    if args.tasks_per_socket > 1 and args.ws_endpoint != "many":
+        parser.error("--tasks-per-socket needs --transport ws --ws-endpoint many")
+    if args.ws_endpoint == "many":
+        if args.transport != "ws":
+            parser.error("--ws-endpoint many needs --transport ws")
+        if args.clients % args.tasks_per_socket:
+            parser.error("--clients must be a multiple of --tasks-per-socket (N watchers on "
+                         "N/K sockets)")
+        if args.tasks_per_socket > args.tasks:
+            parser.error("--tasks-per-socket must not exceed --tasks (a socket's tasks differ)")
+    if args.churn < 0:
+        parser.error("--churn takes a number of rounds")
+    if args.churn and args.idle_only:
+        parser.error("--churn and --idle-only are different modes")
+    if args.server == "raw" and (args.cluster or args.gateway_gc_threshold):
+        parser.error("--server raw speaks redis:// only and has no GC option")
+    if args.py_spy is not None and args.churn:
+        parser.error("--py-spy profiles the connect or publish phase; --churn has neither")
+    if not args.idle_only and not args.churn and args.rate * args.duration / args.tasks > 99:
         parser.error("rate*duration/tasks must be <= 99: progress must rise by 1..99 per task")
     return args
 
