@@ -283,7 +283,7 @@ class Session:
     async def pump(self) -> None:
         """Write what direct writes could not, until the session ends (or, for a pump task of
         our own, until the connection is idle again)."""
-        while True:
+        while not self._released:
             items = self._collect()
             if self.end is not None and self.end not in _SILENT_ENDS:
                 await self._timed(self._finish(items))
