@@ -93,7 +93,9 @@ def text_frame(payload: bytes) -> bytes:
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
-    return frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:123])
+    # At most 123 bytes of reason, cut between characters.
+    cut = reason.encode()[:123].decode("utf-8", "ignore").encode()
+    return frame(OP_CLOSE, struct.pack("!H", code) + cut)
 
 
 class KeepAlive:
@@ -107,6 +109,7 @@ class KeepAlive:
         self.members: set[WebSocketConnection] = set()
         self.period = 1.0
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> KeepAlive:
@@ -117,6 +120,8 @@ class KeepAlive:
 
     def add(self, connection: WebSocketConnection, period: float) -> None:
         self.members.add(connection)
+        if period < self.period and self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)  # tick now, then at the shorter period
         self.period = min(self.period, period)
         if self._task is None:
             self._task = self.loop.create_task(self._run(), name="taskcast-ws-keepalive")
@@ -130,7 +135,12 @@ class KeepAlive:
     async def _run(self) -> None:
         try:
             while self.members:
-                await asyncio.sleep(self.period)
+                wake = self._wake = self.loop.create_future()
+                timer = self.loop.call_later(self.period, _resolve, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
                 now = time.monotonic()
                 for connection in list(self.members):
                     connection.tick(now)
@@ -147,7 +157,7 @@ class WebSocketConnection(asyncio.Protocol):
                  "transport", "state", "scope", "_buffer", "_fragments", "_fragment_opcode",
                  "_fragment_size", "_inbox", "_receiver", "_paused_reading", "_writable",
                  "_drain_waiter", "_disconnect", "_ping_payload", "_ping_sent", "_next_ping",
-                 "_close_deadline", "_closer", "_loop")
+                 "_close_deadline", "_closer", "_failed", "_loop")
 
     def __init__(self, app: ASGIApp, *, limits: Limits = Limits(), root_path: str = "",
                  app_state: dict[str, Any] | None = None, connections: set[Any] | None = None,
@@ -178,6 +188,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._next_ping = 0.0
         self._close_deadline = 0.0
         self._closer: Closer | None = None
+        self._failed = False  # after a protocol error, frame boundaries are lost: read nothing
         self._loop = loop or asyncio.get_event_loop()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -195,6 +206,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._wake_writer()
 
     def eof_received(self) -> bool | None:
+        if self.state == CONNECTING:
+            self.state = CLOSED  # the application must not answer a client that left
         self._disconnected(1006)
         return None  # the transport closes itself
 
@@ -206,6 +219,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
+        if self._failed:
+            return
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
@@ -273,7 +288,9 @@ class WebSocketConnection(asyncio.Protocol):
         assert self.transport is not None
         raw_path, _, query = target.partition(b"?")
         path = raw_path.decode("ascii", "replace")
-        protocols = fields.get(b"sec-websocket-protocol", b"").decode("latin-1")
+        # The header may be repeated (RFC 6455 11.3.4): every line counts.
+        protocols = b",".join(value for name, value in headers
+                              if name == b"sec-websocket-protocol").decode("latin-1")
         return {
             "type": "websocket",
             "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -295,7 +312,8 @@ class WebSocketConnection(asyncio.Protocol):
         assert self.transport is not None
         body = reason.encode() + b"\n"
         phrase = {400: b"Bad Request", 403: b"Forbidden", 426: b"Upgrade Required",
-                  431: b"Request Header Fields Too Large", 500: b"Internal Server Error"}
+                  431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+                  503: b"Service Unavailable"}
         self.transport.write(
             b"HTTP/1.1 %d %b\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"content-length: %d\r\nconnection: close\r\n%b\r\n%b"
@@ -404,12 +422,17 @@ class WebSocketConnection(asyncio.Protocol):
         self._write(close_frame(code if code != 1005 else 1000))
         self.state = CLOSED
         self._disconnected(code, reason)
-        self.transport.close()
+        self._close_deadline = time.monotonic() + self.limits.close_timeout
+        self.transport.close()  # once the echo is out; a client that stops reading: tick()
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection: close frame, FIN, then read until the client closes."""
         assert self.transport is not None
         logger.debug("failing a WebSocket connection: %d %s", code, reason)
+        self._failed = True
+        self._buffer = b""
+        if self.state == CLOSING:
+            return  # failed (or closing) already: keep its deadline
         if self.state in (CONNECTING, OPEN):
             self._write(close_frame(code, reason))
         self.state = CLOSING
@@ -417,6 +440,9 @@ class WebSocketConnection(asyncio.Protocol):
         self._disconnected(code, reason)
         self._close_deadline = time.monotonic() + self.limits.close_timeout
         self._watch()
+        if self._paused_reading:  # the client's FIN must get through
+            self._paused_reading = False
+            self.transport.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
         else:  # pragma: no cover - TLS transports cannot half-close
@@ -456,7 +482,7 @@ class WebSocketConnection(asyncio.Protocol):
             finally:
                 self._receiver = None
         message = self._inbox.pop(0)
-        if self._paused_reading and len(self._inbox) < self.limits.max_queued // 4:
+        if self._paused_reading and len(self._inbox) <= self.limits.max_queued // 4:
             self._paused_reading = False
             if self.transport is not None and self.state != CLOSED:
                 self.transport.resume_reading()
@@ -514,11 +540,12 @@ class WebSocketConnection(asyncio.Protocol):
             self._read_frames(pending)
 
     async def _drain(self) -> None:
-        self._drain_waiter = self._loop.create_future()
-        try:
-            await self._drain_waiter
-        finally:
-            self._drain_waiter = None
+        """Wait until the transport takes writes again; every waiting send shares one future
+        (shielded: a cancelled send must not cancel the others' wait)."""
+        waiter = self._drain_waiter
+        if waiter is None or waiter.done():
+            waiter = self._drain_waiter = self._loop.create_future()
+        await asyncio.shield(waiter)
 
     # -- what the gateway calls directly --------------------------------------------------------
 
@@ -591,18 +618,20 @@ class WebSocketConnection(asyncio.Protocol):
             self._reject(503, "server shutting down")
             return
         self.state = CLOSED
+        self._close_deadline = time.monotonic() + self.limits.close_timeout
+        self._watch()
         transport.close()
 
     def tick(self, now: float) -> None:
         """Called by KeepAlive: ping, enforce the pong and close deadlines."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None:
             return
-        if self.state == CLOSING:
-            if now >= self._close_deadline:
-                transport.abort()  # the client never finished the closing handshake
+        if self._close_deadline and now >= self._close_deadline:
+            # The client never finished the closing handshake, or never took the last bytes.
+            transport.abort()
             return
-        if self.state != OPEN or self.limits.ping_interval is None:
+        if self.state != OPEN or transport.is_closing() or self.limits.ping_interval is None:
             return
         if self._ping_payload is not None:
             timeout = self.limits.ping_timeout
@@ -654,6 +683,11 @@ class WebSocketConnection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _address(value: object) -> tuple[str, int] | None:
