@@ -45,6 +45,8 @@ from collections import deque
 from collections.abc import Awaitable, Iterable
 from typing import ClassVar
 
+from prometheus_client import Gauge
+
 from taskcast.hub import Hub, TaskState, Watcher
 from taskcast.metrics import Metrics
 from taskcast.models import Task
@@ -475,6 +477,7 @@ class Connections:
         self.settings = settings
         self.closer = DeferredCloser()
         self.shutting_down = False
+        self._gauges: dict[str, Gauge] = {}  # open connections per transport
         self._sessions: set[Session] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -483,12 +486,18 @@ class Connections:
 
     def add(self, session: Session) -> None:
         self._sessions.add(session)
-        self.metrics.connections.labels(session.transport).inc()
+        self._gauge(session.transport).inc()
 
     def discard(self, session: Session) -> None:
         if session in self._sessions:
             self._sessions.remove(session)
-            self.metrics.connections.labels(session.transport).dec()
+            self._gauge(session.transport).dec()
+
+    def _gauge(self, transport: str) -> Gauge:
+        gauge = self._gauges.get(transport)
+        if gauge is None:
+            gauge = self._gauges[transport] = self.metrics.connections.labels(transport)
+        return gauge
 
     def start(self) -> None:
         self._tasks = [

@@ -155,10 +155,12 @@ class Watcher:
                  take_now: Callable[[TaskState], bool] | None = None) -> None:
         self._pending: dict[int, TaskState] = {}
         self._known: dict[int, int] = {}
+        # Three sets that most mailboxes never need (an empty set is 216 bytes, and there is
+        # a mailbox per connection): None until the first member.
         # Versions the client says it has (Last-Event-ID) that no state has confirmed yet.
-        self._claimed: set[int] = set()
-        self._ended: set[int] = set()  # tasks whose terminal state this mailbox was given
-        self._missing: set[int] = set()
+        self._claimed: set[int] | None = None
+        self._ended: set[int] | None = None  # tasks whose terminal state this mailbox was given
+        self._missing: set[int] | None = None
         self._on_ready: Callable[[], None] | None = on_ready
         self._take_now = take_now
         self._metrics = metrics
@@ -167,21 +169,26 @@ class Watcher:
 
     def offer(self, state: TaskState) -> None:
         task_id = state.task_id
-        if task_id in self._ended:
+        ended = self._ended
+        if ended is not None and task_id in ended:
             return  # nothing follows the end, even a "newer" state a careless producer wrote
+        claimed = self._claimed
         known = self._known.get(task_id, -1)  # a record without `version` has version 0
         if state.version <= known:
             if not state.terminal:
                 return
-            if task_id in self._claimed and state.version == known:
+            if claimed is not None and task_id in claimed and state.version == known:
                 return  # the client says it holds exactly this end (Last-Event-ID)
             # A terminal state at or below the version known: the client claimed a version the
             # task never reached, or Redis lost its data and the task was re-created, restarting
             # its versions. Either way the end must still arrive.
-        self._claimed.discard(task_id)
+        if claimed is not None:
+            claimed.discard(task_id)
         self._known[task_id] = state.version
         if state.terminal:
-            self._ended.add(task_id)
+            if ended is None:
+                ended = self._ended = set()
+            ended.add(task_id)
         pending = self._pending
         if pending or self._missing:  # the consumer knows already
             if task_id in pending:
@@ -197,9 +204,11 @@ class Watcher:
 
     def offer_missing(self, task_id: int) -> None:
         """The task's record is gone (expired, or never existed); ignored once it has ended."""
-        if task_id in self._ended:
+        if self._ended is not None and task_id in self._ended:
             return
         was_empty = not self._pending and not self._missing
+        if self._missing is None:
+            self._missing = set()
         self._missing.add(task_id)
         if was_empty and self._on_ready is not None:
             self._on_ready()
@@ -222,6 +231,8 @@ class Watcher:
     def claim(self, task_id: int, version: int) -> None:
         """The client already holds `version` (e.g. from Last-Event-ID): start after it."""
         self._known[task_id] = version
+        if self._claimed is None:
+            self._claimed = set()
         self._claimed.add(task_id)
 
     def take(self) -> list[TaskState]:
@@ -237,16 +248,16 @@ class Watcher:
         missing = self._missing
         if not missing:
             return _NO_TASKS
-        self._missing = set()
+        self._missing = None
         return missing
 
     def forget(self, task_id: int) -> None:
         """Drop everything about the task: following it again starts from its current state."""
         self._pending.pop(task_id, None)
         self._known.pop(task_id, None)
-        self._claimed.discard(task_id)
-        self._ended.discard(task_id)
-        self._missing.discard(task_id)
+        for members in (self._claimed, self._ended, self._missing):
+            if members is not None:
+                members.discard(task_id)
 
     def close(self) -> None:
         """No more wake-ups (and no reference to the consumer left behind)."""

@@ -157,7 +157,7 @@ class WebSocketConnection(asyncio.Protocol):
                  "transport", "state", "scope", "_buffer", "_fragments", "_fragment_opcode",
                  "_fragment_size", "_inbox", "_receiver", "_paused_reading", "_writable",
                  "_drain_waiter", "_disconnect", "_ping_payload", "_ping_sent", "_next_ping",
-                 "_close_deadline", "_closer", "_failed", "_loop")
+                 "_close_deadline", "_closer", "_failed", "_head", "_loop")
 
     def __init__(self, app: ASGIApp, *, limits: Limits = Limits(), root_path: str = "",
                  app_state: dict[str, Any] | None = None, connections: set[Any] | None = None,
@@ -189,6 +189,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._close_deadline = 0.0
         self._closer: Closer | None = None
         self._failed = False  # after a protocol error, frame boundaries are lost: read nothing
+        self._head = b""  # the 101 response, until the first write takes it along
         self._loop = loop or asyncio.get_event_loop()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -532,7 +533,10 @@ class WebSocketConnection(asyncio.Protocol):
         for name, value in headers:
             lines.append(b"%b: %b\r\n" % (name, value))
         lines.append(b"\r\n")
-        self.transport.write(b"".join(lines))
+        # Sent with the first frame if one follows in this turn of the loop (one write, not
+        # two: a gateway accepts thousands of sockets at once), else on its own.
+        self._head = b"".join(lines)
+        self._loop.call_soon(self._flush_head)
         self.state = OPEN
         self._watch()
         if self._buffer:  # frames the client sent right behind its handshake
@@ -566,7 +570,10 @@ class WebSocketConnection(asyncio.Protocol):
         if (self.state != OPEN or transport is None or transport.get_write_buffer_size()
                 or transport.is_closing()):
             return False
-        transport.write(data)
+        if self._head:
+            transport.writelines([self._take_head(), data])
+        else:
+            transport.write(data)
         return True
 
     def write_frames(self, frames: Sequence[bytes]) -> bool:
@@ -574,7 +581,9 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         if self.state != OPEN or transport is None or transport.is_closing():
             return False
-        if len(frames) == 1:
+        if self._head:
+            transport.writelines([self._take_head(), *frames])
+        elif len(frames) == 1:
             transport.write(frames[0])
         else:
             transport.writelines(frames)
@@ -588,7 +597,7 @@ class WebSocketConnection(asyncio.Protocol):
         transport = self.transport
         if self.state != OPEN or transport is None or transport.is_closing():
             return False
-        transport.writelines([*before, close_frame(code, reason)])
+        transport.writelines([self._take_head(), *before, close_frame(code, reason)])
         self.state = CLOSING
         self._closer = closer
         self._disconnected(code, reason)
@@ -663,7 +672,15 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+            self.transport.write(self._take_head() + data if self._head else data)
+
+    def _take_head(self) -> bytes:
+        head, self._head = self._head, b""
+        return head
+
+    def _flush_head(self) -> None:
+        if self._head:
+            self._write(b"")
 
     def _deliver(self, message: Message) -> None:
         self._inbox.append(message)

@@ -185,11 +185,14 @@ def origin_allowed(headers: Headers, settings: Settings) -> bool:
     origin = headers.get("origin")
     if origin is None:
         return True  # not a browser: nothing to hijack
+    return _origin_allowed(origin, headers.get("host", ""), settings)
+
+
+def _origin_allowed(origin: str, host: str, settings: Settings) -> bool:
     allowed = {item.strip().rstrip("/") for item in settings.allowed_origins.split(",")
                if item.strip()}
     if "*" in allowed or origin.rstrip("/") in allowed:
         return True
-    host = headers.get("host", "")
     return origin.split("://", 1)[-1].rstrip("/") == host
 
 
@@ -302,16 +305,17 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
     """`/ws` (no path parameters) or `/tasks/{task_id}/ws`."""
     state = scope["app"].state
     conns: Connections = state.connections
-    headers = Headers(scope=scope)
     if (await receive())["type"] != "websocket.connect":
         return
-    if not origin_allowed(headers, conns.settings):
+    # Most clients are not browsers: build Headers only when there is an Origin to check.
+    if any(name == b"origin" for name, _ in scope["headers"]) and not origin_allowed(
+            Headers(scope=scope), conns.settings):
         await send({"type": "websocket.close", "code": int(CloseCode.POLICY_VIOLATION)})
         return  # before accept: HTTP 403
     per_task = "task_id" in path_params
     try:
         task_id = parse_task_id(path_params["task_id"]) if per_task else 0
-        include = image_base64_flag(HTTPConnection(scope))
+        include = image_base64_flag(HTTPConnection(scope)) if scope["query_string"] else True
     except InvalidParameter as exc:
         await _refuse(send, CloseCode.INVALID_TASK_ID, str(exc)[:120])
         return
