@@ -9,9 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TASKCAST_PORT=8000
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY src ./src
-RUN pip install . && useradd --system --uid 10001 taskcast
+# The exact dependency versions the tests and benchmarks ran with (constraints.txt).
+RUN pip install -c constraints.txt . && useradd --system --uid 10001 taskcast
 
 USER taskcast
 EXPOSE 8000
