@@ -3,7 +3,8 @@
 
 It subscribes to the task ids, prints each new state, and reconnects (resubscribing to the
 tasks still unfinished) when the gateway closes with 1012 (restart: maybe another replica
-answers next) or 1013 (this client read too slowly), or when the connection drops. Every
+answers next), or when the connection drops without a close frame (1006: e.g. this client read
+too slowly and the gateway aborted its connection). Every
 (re)subscription starts with each task's current state, so states it already has (same
 version) are skipped. Close codes 4xxx mean "do not retry" and end the client.
 
@@ -32,8 +33,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 TERMINAL = ("completed", "failed")
-# 1012: the gateway is restarting; 1013: we were too slow; 1001/1011: going away / server
-# error. A drop without a close frame (no code) is retried as well.
+# 1012: the gateway is restarting; 1001/1011: going away / server error; 1013: try again later
+# (other servers send it). A drop without a close frame (1006, or no code) is retried as well:
+# that is what a client that reads too slowly sees when the gateway aborts its connection.
 RECONNECT_CODES = {1001, 1011, 1012, 1013}
 
 
