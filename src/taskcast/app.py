@@ -54,6 +54,7 @@ class PushEndpoint:
         self.serve = serve
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The transport's `serve` with the route's path parameters."""
         await self.serve(scope, receive, send, dict(scope.get("path_params") or {}))
 
 
@@ -68,9 +69,13 @@ class GatewayApp:
 
     @property
     def state(self) -> object:
+        """The Starlette app's state, for code that holds this object as the app."""
         return self.app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI. The lifespan is the Starlette app's, after recording what the server
+        offers (server_support) and asking to hear of its shutdown; a GET of an SSE path and
+        a WebSocket on /ws or /tasks/{id}/ws go to their transport; all else to the app."""
         kind = scope["type"]
         if kind == "lifespan":
             self.app.state.server_support = server.server_support(send)

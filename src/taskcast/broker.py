@@ -36,11 +36,13 @@ class Backoff:
         self.base, self.cap, self.attempt = base, cap, 0
 
     def next(self) -> float:
+        """A delay drawn from [0, min(cap, base * 2**attempts)]; counts one attempt."""
         delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
         self.attempt = min(self.attempt + 1, 30)
         return delay
 
     def reset(self) -> None:
+        """Back to the shortest delays (a connection worked)."""
         self.attempt = 0
 
 
@@ -52,6 +54,9 @@ class RedisPubSubBroker:
     nothing, not even a PONG, arrives for `ping_deadline_s`, the connection is declared hung and
     rebuilt. After every rebuild all channels are subscribed again, and each confirmation tells
     the listener to re-read that task's record.
+
+    A hub.Broker: delivery is at most once, and the methods only record what is wanted and
+    wake the writer, so they never block and never raise for a Redis that is down.
     """
 
     SUBSCRIBE_CHUNK = 1000
@@ -89,35 +94,46 @@ class RedisPubSubBroker:
 
     @property
     def subscription_count(self) -> int:
+        """Channels wanted, the control channel not counted."""
         return len(self._desired)
 
     @property
     def channels(self) -> set[str]:
+        """The channels wanted: the live set, not a copy; read it, do not change it."""
         return self._desired
 
     def start(self, listener: BrokerListener) -> None:
+        """Start the connection task, which reconnects with backoff until close()."""
         self._listener = listener
         self._runner = asyncio.create_task(self._run(), name="taskcast-broker")
 
     async def close(self) -> None:
+        """Stop the connection task and close the pub/sub connection; no listener call
+        follows. The Redis client is the caller's to close."""
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
 
     def subscribe(self, task_id: int) -> None:
+        """hub.Broker.subscribe: add_channel of the task's channel."""
         self.add_channel(self.keys.channel(task_id))
 
     def unsubscribe(self, task_id: int) -> None:
+        """hub.Broker.unsubscribe: remove_channel of the task's channel."""
         self.remove_channel(self.keys.channel(task_id))
 
     def add_channel(self, channel: str) -> None:
+        """Want `channel`: the writer subscribes it soon, and every rebuilt connection
+        again; each confirmation of a task channel reaches on_subscribed."""
         self._desired.add(channel)
         self._to_unsubscribe.discard(channel)
         self._to_subscribe.add(channel)
         self._wake.set()
 
     def remove_channel(self, channel: str) -> None:
+        """Stop wanting `channel`: unsubscribed in the writer's next round, and not
+        subscribed again after a rebuild."""
         self._desired.discard(channel)
         self._to_subscribe.discard(channel)
         self._to_unsubscribe.add(channel)

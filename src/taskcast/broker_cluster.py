@@ -51,6 +51,11 @@ class _NodeListener:
 
 
 class ShardedPubSubBroker:
+    """hub.Broker over sharded pub/sub: one RedisPubSubBroker per primary, each channel on
+    the node that owns its slot. Delivery is at most once, as from any broker; a channel that
+    moves to another node is confirmed there, which makes the hub re-read its record. The
+    methods never wait for Redis: placing a channel reads the client's cached slot map."""
+
     def __init__(
         self,
         cluster: RedisCluster,
@@ -74,13 +79,17 @@ class ShardedPubSubBroker:
 
     @property
     def subscription_count(self) -> int:
+        """Channels wanted, whether or not a node has them yet."""
         return len(self._desired)
 
     def start(self, listener: BrokerListener) -> None:
+        """Start the task that keeps the slot map current; a node's connection starts with
+        the first channel placed on it."""
         self._listener = _NodeListener(self, listener)
         self._runner = asyncio.create_task(self._maintain(), name="taskcast-cluster-broker")
 
     async def close(self) -> None:
+        """Stop that task and every node's broker and client; no listener call follows."""
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -89,11 +98,14 @@ class ShardedPubSubBroker:
             await self._drop_node(name)
 
     def subscribe(self, task_id: int) -> None:
+        """Want the task's channel, and subscribe it on the node the cached slot map names
+        for it; re-reads of the map move it when its owner changes."""
         channel = self.keys.channel(task_id)
         self._desired.add(channel)
         self._place(channel)
 
     def unsubscribe(self, task_id: int) -> None:
+        """Stop wanting the task's channel, and unsubscribe it on its node."""
         channel = self.keys.channel(task_id)
         self._desired.discard(channel)
         name = self._owner.pop(channel, None)

@@ -21,7 +21,9 @@ from taskcast.models import Task
 
 
 class MemoryBroker:
-    """hub.Broker over MemoryTasks' channels."""
+    """hub.Broker over MemoryTasks' channels: a subscription is confirmed, and a message
+    delivered, in a later callback of the event loop, in publishing order; a message
+    published while `drop_messages` is set is lost. Its methods never block or raise."""
 
     def __init__(self, tasks: MemoryTasks) -> None:
         self._tasks = tasks
@@ -30,20 +32,25 @@ class MemoryBroker:
 
     @property
     def subscription_count(self) -> int:
+        """Tasks subscribed."""
         return len(self.subscribed)
 
     def start(self, listener: BrokerListener) -> None:
+        """Report to `listener` from now on."""
         self._listener = listener
 
     async def close(self) -> None:
+        """Forget the listener and every subscription: nothing is reported after this."""
         self._listener = None
         self.subscribed.clear()  # as a closed Redis connection forgets its subscriptions
 
     def subscribe(self, task_id: int) -> None:
+        """Deliver the task's messages from now on; on_subscribed follows in a callback."""
         self.subscribed.add(task_id)
         asyncio.get_running_loop().call_soon(self._confirm, task_id)
 
     def unsubscribe(self, task_id: int) -> None:
+        """No more messages or confirmations for the task, even ones already scheduled."""
         self.subscribed.discard(task_id)
 
     def _confirm(self, task_id: int) -> None:
@@ -77,16 +84,19 @@ class MemoryReader:
             raise StoreUnavailable("memory store set unreachable")
 
     async def get(self, task_id: int) -> Task | None:
+        """hub.TaskReader.get; raises StoreUnavailable while `unreachable` is set."""
         await asyncio.sleep(0)  # a read takes a turn of the loop, as a round trip would
         self._check()
         return self._tasks.records.get(task_id)
 
     async def get_many(self, task_ids: list[int]) -> dict[int, Task | None]:
+        """hub.TaskReader.get_many; raises StoreUnavailable while `unreachable` is set."""
         await asyncio.sleep(0)
         self._check()
         return {task_id: self._tasks.records.get(task_id) for task_id in task_ids}
 
     async def versions(self, task_ids: list[int]) -> dict[int, tuple[int, bool] | None]:
+        """hub.TaskReader.versions; raises StoreUnavailable while `unreachable` is set."""
         await asyncio.sleep(0)
         self._check()
         found: dict[int, tuple[int, bool] | None] = {}
@@ -107,6 +117,8 @@ class MemoryTasks:
         self.unreachable = False  # reads raise StoreUnavailable while set
 
     def write(self, task: Task, *, publish: bool = True) -> Task:
+        """Store `task` as it is (no rules, no version bump) and, unless `publish` is False
+        or messages are being dropped, publish it; returns it."""
         self.records[task.task_id] = task
         if publish and not self.drop_messages:
             payload = task.to_json()

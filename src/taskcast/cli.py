@@ -37,6 +37,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`serve`, `demo` and `task <action>`; every Settings field is a flag whose default is
+    None, so that only flags actually given override the environment."""
     parser = argparse.ArgumentParser(prog="taskcast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -73,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return the exit status: 0 done, 1 a task command refused or
+    failed, 2 unusable settings (argparse exits with 2 itself on unknown flags)."""
     args = build_parser().parse_args(argv)
     overrides = {spec.name: getattr(args, spec.name, None) for spec in fields(Settings)}
     try:

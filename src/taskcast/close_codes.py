@@ -3,19 +3,26 @@
 Close codes (the connection ends):
     1000 NORMAL                  per-task socket: the terminal state was sent
     1008 POLICY_VIOLATION        Origin not allowed (sent before accept: the upgrade gets 403)
-    1009 MESSAGE_TOO_BIG         a client frame over ws_max_frame_bytes (closed by uvicorn)
-    1011 INTERNAL_ERROR          a bug on our side; reconnect
-    1012 SERVICE_RESTART         graceful shutdown (uvicorn); reconnect, maybe to another replica
-    1013 TRY_AGAIN_LATER         the client did not read fast enough; reconnect and resume
+    1009 MESSAGE_TOO_BIG         a client message over ws_max_frame_bytes (closed by the
+                                 connection, websocket_protocol.py or uvicorn's, not ws.py)
+    1011 INTERNAL_ERROR          a bug on our side, a per-task socket's record that breaks the
+                                 contract, or no pong within ws_ping_timeout_s; reconnect
+    1012 SERVICE_RESTART         graceful shutdown; reconnect, maybe to another replica
+    1013 TRY_AGAIN_LATER         not sent: a client that stops reading is aborted (ws.py), so
+                                 it sees 1006; it reconnects and resumes from the records
     4404 TASK_NOT_FOUND          per-task socket: unknown or expired task; do not reconnect
     4413 TOO_MANY_SUBSCRIPTIONS  more than ws_max_subscriptions tasks on one socket
-    4422 INVALID_TASK_ID         per-task socket: malformed id (or image_base64 flag)
-    4429 RATE_LIMITED            more client frames than ws_ops_per_s / ws_ops_burst allow
-The 4xxx codes mirror the HTTP status of the same condition.
+    4422 INVALID_TASK_ID         per-task socket: malformed id; either socket: a malformed
+                                 image_base64 flag
+    4429 RATE_LIMITED            more client frames than ws_ops_per_s / ws_ops_burst allow,
+                                 or an op while ws.MAX_QUEUED_REPLIES frames wait unread
+The 4xxx codes mirror the HTTP status of the same condition. Protocol errors (1002, 1007)
+come from websocket_protocol.py.
 
 Error frames (`{"type": "error", "code": ..., "msg": ...}`; the connection stays open):
     400 BAD_FRAME   not JSON, not an object, or a binary frame
-    404 NOT_FOUND   subscribe to unknown tasks (listed in `task_ids`); the others subscribe
+    404 NOT_FOUND   subscribe to unknown tasks (listed in `task_ids`); the others subscribe.
+                    Also a subscribed task whose record vanished (it is unsubscribed)
     405 UNKNOWN_OP  `op` is not subscribe, unsubscribe or ping
     422 INVALID     `task_ids` missing, empty, or not non-negative int64s (pydantic-style `detail`)
     500 INTERNAL    subscribe to tasks whose record breaks the contract (listed in `task_ids`)
@@ -27,6 +34,8 @@ from enum import IntEnum
 
 
 class CloseCode(IntEnum):
+    """Close codes a client may see; meanings in the module docstring."""
+
     NORMAL = 1000
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
@@ -40,6 +49,8 @@ class CloseCode(IntEnum):
 
 
 class ErrorCode(IntEnum):
+    """The `code` of an error frame; meanings in the module docstring."""
+
     BAD_FRAME = 400
     NOT_FOUND = 404
     UNKNOWN_OP = 405

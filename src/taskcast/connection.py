@@ -20,6 +20,7 @@ _memory_servers: dict[str, Any] = {}
 
 
 def is_memory_url(url: str) -> bool:
+    """`memory://[NAME]` selects the embedded store, which lives in this process only."""
     return url.startswith(MEMORY_SCHEME)
 
 

@@ -22,6 +22,9 @@ async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma
 
 
 class CorsPolicy:
+    """The CORS rules: GET from the listed origins, with Last-Event-ID and If-None-Match
+    allowed in and ETag exposed; the same options for the middleware and the streams."""
+
     def __init__(self, origins: list[str]) -> None:
         self.options: dict[str, Any] = {
             "allow_origins": origins,
@@ -34,10 +37,12 @@ class CorsPolicy:
 
     @classmethod
     def from_setting(cls, value: str) -> CorsPolicy | None:
+        """From the comma-separated setting; None (CORS off) when it lists no origin."""
         origins = [item.strip() for item in value.split(",") if item.strip()]
         return cls(origins) if origins else None
 
     def middleware(self) -> Middleware:
+        """Starlette's CORSMiddleware with these options, for the app's middleware stack."""
         return Middleware(CORSMiddleware, **self.options)
 
     async def response_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:

@@ -76,7 +76,11 @@ class Session:
 
     Guarantees, on top of the hub's: the current state of each followed task first, then
     newer ones, in order, the terminal state last (contract section 4); control messages in
-    the order queued; nothing after the end. Call release() when the connection is over.
+    the order queued; nothing after the end. Each state is written at most once per
+    connection: what a dropped connection did not take is not kept, the client resumes from
+    the record. No method but pump() waits for the client; a pumped write that has not
+    returned within `send_timeout_s` ends the session as TOO_SLOW (see the module docstring).
+    Call release() when the connection is over.
     """
 
     transport: ClassVar[str]  # the metrics label: "sse" or "ws"
@@ -164,13 +168,17 @@ class Session:
             self._kick()
 
     def finish(self, end: End, detail: object = None) -> None:
-        """End the session once what is queued has been written."""
+        """End the session once the control messages and states already collected are
+        written; states still in the mailbox are dropped (the client resumes from the
+        record). Does nothing once an end has been chosen."""
         if self.end is not None or self._released:
             return
         self.end, self.end_detail = end, detail
         self._kick()
 
     def client_left(self) -> None:
+        """The client is gone: end without writing anything more (an end already chosen
+        stays), and let a waiting pump return. Safe to call more than once."""
         if self.end is None:
             self.end = End.CLIENT_LEFT
         self._wake(start=False)
@@ -427,6 +435,8 @@ class DeferredCloser:
         return len(self._queue)
 
     def add(self, transport: asyncio.Transport) -> None:
+        """Queue a finished connection for closing (at once after close_all); a transport
+        that is closing already is ignored. Never blocks."""
         if transport.is_closing():
             return
         if self._now:
@@ -443,6 +453,7 @@ class DeferredCloser:
             self._close(self._queue.popleft()[1])
 
     async def run(self) -> None:
+        """The closing task (see the class docstring); runs until cancelled."""
         loop = asyncio.get_running_loop()
         queue = self._queue
         while True:
@@ -469,7 +480,13 @@ class DeferredCloser:
 
 
 class Connections:
-    """The open sessions of one gateway process and the timers they share."""
+    """The open sessions of one gateway process and the timers they share.
+
+    Between start() and close(): a session whose transport has a keep-alive gets one at every
+    `sse_keepalive_s` tick in which it wrote nothing; every min(1 s, send_timeout_s / 4) the
+    sweeper drops a session whose pumped write has taken longer than `send_timeout_s`, and
+    ends one whose client the server reports gone. shutdown() ends every session, once.
+    """
 
     def __init__(self, hub: Hub, metrics: Metrics, settings: Settings) -> None:
         self.hub = hub
@@ -485,10 +502,12 @@ class Connections:
         return len(self._sessions)
 
     def add(self, session: Session) -> None:
+        """Register a new session (Session.__init__ does) for the timers and the gauge."""
         self._sessions.add(session)
         self._gauge(session.transport).inc()
 
     def discard(self, session: Session) -> None:
+        """Unregister a session (Session.release does); a second call changes nothing."""
         if session in self._sessions:
             self._sessions.remove(session)
             self._gauge(session.transport).dec()
@@ -500,6 +519,7 @@ class Connections:
         return gauge
 
     def start(self) -> None:
+        """Start the keep-alive ticker, the sweeper and the closer; once, on the running loop."""
         self._tasks = [
             asyncio.create_task(self._keepalive(), name="taskcast-keepalive"),
             asyncio.create_task(self._sweep(), name="taskcast-sweeper"),
@@ -507,6 +527,8 @@ class Connections:
         ]
 
     async def close(self) -> None:
+        """Stop the timers and close the queued finished connections; the sessions still
+        open are left alone (shutdown() is what ends them)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -62,6 +62,9 @@ class SimulatedWorker:
         self._jobs: set[asyncio.Task[None]] = set()
 
     async def start_tasks(self, count: int, type: str, angle: str, fail: bool) -> list[int]:
+        """Create `count` tasks, one after another, and start a job for each; returns their
+        ids. Raises what Producer.create raises (the jobs already started go on). A job that
+        meets a TaskcastError (Redis gone, say) logs it and stops, its task unfinished."""
         ids = []
         for _ in range(count):
             task = await self.producer.create(type=type, angle=angle)
@@ -90,12 +93,15 @@ class SimulatedWorker:
             logger.warning("demo task %d stopped: %s", task_id, exc)
 
     async def close(self) -> None:
+        """Cancel the running jobs and wait for them; their tasks stay as they are."""
         for job in list(self._jobs):
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
 
 
 async def start_tasks(request: Request) -> Response:
+    """`POST /demo/tasks` with `{"count", "type", "angle", "fail"}` (all optional): 201 with
+    the new ids, 400 for a body that is not a JSON object, 422 for a bad field."""
     worker: SimulatedWorker = request.app.state.demo_worker
     try:
         body: Any = orjson.loads(await request.body() or b"{}")
@@ -137,10 +143,12 @@ async def task_image(request: Request) -> Response:
 
 
 async def demo_page(request: Request) -> Response:
+    """`GET /`: the demo page."""
     return static_file("demo.html", "text/html; charset=utf-8")
 
 
 def demo_routes() -> list[BaseRoute]:
+    """The demo's routes; only `taskcast demo` mounts them."""
     return [
         Route("/", demo_page, methods=["GET"]),
         Route("/demo/tasks", start_tasks, methods=["POST"]),

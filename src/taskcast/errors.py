@@ -32,6 +32,8 @@ class InvalidTaskId(InvalidParameter):
 
 
 class TaskNotFound(TaskcastError, LookupError):
+    """No record for `task_id`: never created, or expired after its retention."""
+
     def __init__(self, task_id: int) -> None:
         super().__init__(f"task {task_id} not found")
         self.task_id = task_id
@@ -47,6 +49,9 @@ class TransitionRejected(TaskcastError):
 
 
 class CorruptRecord(TaskcastError):
+    """The record of `task_id` breaks the contract: a field of the wrong type, or an
+    unknown status. The update script never writes one; a plain HSET producer can."""
+
     def __init__(self, task_id: int, why: str) -> None:
         super().__init__(f"task {task_id} has a malformed record: {why}")
         self.task_id = task_id

@@ -47,10 +47,13 @@ _NO_TASKS: frozenset[int] = frozenset()
 
 
 class BrokerListener(Protocol):
-    """What a broker reports. Called from the broker's own task, never concurrently."""
+    """What a broker reports. Calls come from the event loop (the broker's tasks or
+    callbacks), one at a time and never from inside a Broker method the hub called; a listener
+    must not block or raise."""
 
     def on_message(self, task_id: int, payload: bytes) -> None:
-        """A message on a task's channel: the task object JSON, or garbage."""
+        """A message on a task's channel: the task object JSON, or garbage. Any message may
+        be missing, and order is not promised: the hub goes by `version`."""
 
     def on_subscribed(self, task_id: int) -> None:
         """A subscription is (again) active: messages sent before may have been missed."""
@@ -61,26 +64,34 @@ class BrokerListener(Protocol):
 
 class Broker(Protocol):
     """Task channels, subscribed on demand. Delivery is at most once: messages may be lost,
-    but a broker reports every (re)subscription, after which the hub re-reads the record."""
+    but a broker reports every (re)subscription, after which the hub re-reads the record.
+    A broker reconnects by itself, for as long as it runs; its methods never block, never
+    wait for Redis and never raise because Redis is unreachable."""
 
-    def start(self, listener: BrokerListener) -> None: ...
+    def start(self, listener: BrokerListener) -> None:
+        """Begin connecting in the background and report to `listener`; call once."""
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop for good: no listener call follows, and the connections are closed."""
 
     def subscribe(self, task_id: int) -> None:
-        """Start following the channel (asynchronously; on_subscribed confirms)."""
+        """Start following the channel (asynchronously; on_subscribed confirms). The
+        subscription is kept, and confirmed again after every reconnect, until unsubscribe."""
 
-    def unsubscribe(self, task_id: int) -> None: ...
+    def unsubscribe(self, task_id: int) -> None:
+        """Stop following the channel; a message already on its way may still be reported."""
 
     @property
-    def subscription_count(self) -> int: ...
+    def subscription_count(self) -> int:
+        """Channels wanted (subscribed, or to be once the connection allows): a gauge."""
 
 
 class TaskReader(Protocol):
     """Reads task records. Every method raises StoreUnavailable when the store does not answer."""
 
     async def get(self, task_id: int) -> Task | None:
-        """The current task, or None when it has no record."""
+        """The current task, or None when it has no record; raises CorruptRecord for a
+        record that breaks the contract."""
 
     async def get_many(self, task_ids: list[int]) -> dict[int, Task | None]:
         """Several records; a record that breaks the contract is left out of the result."""
@@ -168,6 +179,9 @@ class Watcher:
     # -- the hub's side
 
     def offer(self, state: TaskState) -> None:
+        """A state from the hub. Kept only if it is newer than what this mailbox has given
+        for the task, or a terminal state that must still arrive (see the class docstring); it
+        replaces a pending state of the task in place (counted as conflated). Never blocks."""
         task_id = state.task_id
         ended = self._ended
         if ended is not None and task_id in ended:
@@ -222,10 +236,12 @@ class Watcher:
 
     @property
     def ready(self) -> bool:
+        """Whether take() or take_missing() has something."""
         return bool(self._pending or self._missing)
 
     @property
     def has_claims(self) -> bool:
+        """Whether a claimed version (claim) has not yet been confirmed by a state."""
         return bool(self._claimed)
 
     def claim(self, task_id: int, version: int) -> None:
@@ -309,6 +325,7 @@ class Hub:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the broker, the refresher and the periodic resync; once, on the running loop."""
         self.broker.start(self)
         self._tasks = [
             asyncio.create_task(self._refresher(), name="taskcast-refresher"),
@@ -316,6 +333,8 @@ class Hub:
         ]
 
     async def close(self) -> None:
+        """Stop re-reading and close the broker: no event or re-read reaches a watcher after
+        this (lookup still reads the store). Watchers are not told."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -339,6 +358,9 @@ class Hub:
             watcher.offer(topic.state)
 
     def unwatch(self, watcher: Watcher, task_ids: Iterable[int]) -> None:
+        """Offer the watcher nothing more of these tasks (ids it does not watch are ignored);
+        a task's last watcher leaving releases its subscription. The mailbox keeps what it
+        holds: Watcher.forget clears that."""
         changed = False
         for task_id in task_ids:
             topic = self._topics.get(task_id)
@@ -361,7 +383,8 @@ class Hub:
     async def lookup(self, task_id: int) -> Task | None:
         """The newest state known: from the hub when the task is watched, else from the store.
 
-        Concurrent lookups of one task share one read. Raises StoreUnavailable.
+        Concurrent lookups of one task share one read. Raises StoreUnavailable, or
+        CorruptRecord for a record that breaks the contract.
         """
         topic = self._topics.get(task_id)
         if topic is not None and topic.state is not None:
@@ -392,6 +415,8 @@ class Hub:
     # -- what the broker tells us ---------------------------------------------------------
 
     def on_message(self, task_id: int, payload: bytes) -> None:
+        """BrokerListener: a valid event goes to accept(); garbage, or an event about another
+        task, is counted as malformed and makes the hub re-read the record instead."""
         self.metrics.events_received.inc()
         try:
             task = Task.from_json(payload)
@@ -408,9 +433,11 @@ class Hub:
         self.accept(task)
 
     def on_subscribed(self, task_id: int) -> None:
+        """BrokerListener: events may have been missed before this, so re-read the record."""
         self.mark_dirty([task_id], "subscribed")
 
     def on_connection_lost(self) -> None:
+        """BrokerListener: only counted; the re-reads follow the re-subscriptions."""
         self.metrics.redis_reconnects.inc()
 
     # -- state ------------------------------------------------------------------------------
@@ -432,6 +459,9 @@ class Hub:
             watcher.offer(state)
 
     def mark_dirty(self, task_ids: Iterable[int], reason: str) -> None:
+        """Queue the watched ones of these tasks for a re-read by the refresher, which retries
+        until the store answers; unwatched ids are ignored. Never blocks. `reason` is the
+        label of taskcast_resyncs."""
         before = len(self._dirty)
         self._dirty.update(task_id for task_id in task_ids if task_id in self._topics)
         if len(self._dirty) > before:

@@ -13,12 +13,16 @@ DEFAULT_PREFIX = "taskcast"
 
 @dataclass(frozen=True, slots=True)
 class TaskKeys:
+    """The names under one prefix `P`; every producer and gateway must use the same one."""
+
     prefix: str = DEFAULT_PREFIX
 
     def record(self, task_id: int) -> str:
+        """The task's hash, `P:task:{ID}`."""
         return f"{self.prefix}:task:{{{task_id}}}"
 
     def channel(self, task_id: int) -> str:
+        """The task's pub/sub channel, `P:task:{ID}:events`, in the same slot as its record."""
         return f"{self.prefix}:task:{{{task_id}}}:events"
 
     @property
@@ -27,6 +31,7 @@ class TaskKeys:
         return f"{self.prefix}:next_task_id"
 
     def task_id_of_channel(self, channel: str) -> int | None:
+        """The id in a task channel's name; None for any other channel (the control one)."""
         head, tail = f"{self.prefix}:task:{{", "}:events"
         if not (channel.startswith(head) and channel.endswith(tail)):
             return None

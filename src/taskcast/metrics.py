@@ -25,6 +25,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
+    """Every metric of one gateway, in `registry`, which is its own."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -78,6 +80,7 @@ class _DeliveryCollector(Collector):
         self.delivered = delivered
 
     def collect(self) -> Iterable[Metric]:
+        """Collector: the delivery counts as taskcast_messages_delivered{transport}."""
         family = CounterMetricFamily("taskcast_messages_delivered",
                                      "Task states written to clients", labels=["transport"])
         for transport, count in self.delivered.items():
@@ -86,5 +89,6 @@ class _DeliveryCollector(Collector):
 
 
 async def metrics_endpoint(request: Request) -> Response:
+    """`GET /metrics`: this process's metrics in the Prometheus text format."""
     metrics: Metrics = request.app.state.metrics
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

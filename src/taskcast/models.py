@@ -1,4 +1,8 @@
-"""The task object (contract section 1) and its encodings: the wire format lives here only."""
+"""The task object (contract section 1): its JSON, and reading it from a record or an event.
+
+The task object's JSON is encoded and decoded here only. How it is framed on the wire is
+the transports' business: SSE events in sse.py, WebSocket messages in ws.py, the REST
+envelope in responses.py."""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from taskcast.errors import CorruptRecord
 
 
 class TaskStatus(StrEnum):
+    """The four states; submitted -> processing -> completed | failed (or submitted ->
+    completed | failed), enforced by the update script, not here."""
+
     SUBMITTED = "submitted"
     PROCESSING = "processing"
     COMPLETED = "completed"
@@ -20,6 +27,7 @@ class TaskStatus(StrEnum):
 
     @property
     def is_terminal(self) -> bool:
+        """Completed or failed: nothing can change the task any more."""
         return self in (TaskStatus.COMPLETED, TaskStatus.FAILED)
 
 
@@ -42,6 +50,8 @@ RECORD_FIELDS_WITHOUT_IMAGE_BASE64 = tuple(f for f in RECORD_FIELDS if f != "ima
 
 @dataclass(frozen=True, slots=True)
 class Task:
+    """One version of a task, immutable; `version` 0 when the record or event had none."""
+
     task_id: int
     status: TaskStatus
     progress: int
@@ -55,6 +65,7 @@ class Task:
 
     @property
     def is_terminal(self) -> bool:
+        """The status is completed or failed."""
         return self.status.is_terminal
 
     def to_dict(self, *, include_image_base64: bool = True) -> dict[str, Any]:
@@ -75,9 +86,11 @@ class Task:
         }
 
     def to_json(self, *, include_image_base64: bool = True) -> bytes:
+        """to_dict() as compact UTF-8 JSON: the bytes every transport sends."""
         return orjson.dumps(self.to_dict(include_image_base64=include_image_base64))
 
     def without_image_base64(self) -> Task:
+        """The same task with `image_base64` empty (itself when it already is)."""
         return replace(self, image_base64="") if self.image_base64 else self
 
     @classmethod

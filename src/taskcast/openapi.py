@@ -16,8 +16,10 @@ from taskcast.responses import JSON
 
 @cache
 def openapi_document() -> bytes:
+    """The shipped document's bytes, read once per process."""
     return files("taskcast").joinpath("openapi.json").read_bytes()
 
 
 async def openapi_json(request: Request) -> Response:
+    """`GET /openapi.json`: the shipped document as it is."""
     return Response(openapi_document(), media_type=JSON)

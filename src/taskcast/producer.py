@@ -38,16 +38,19 @@ class _Changes:
         self.publish = "SPUBLISH" if sharded else "PUBLISH"
 
     def document(self, op: str, task_id: int, fields: dict[str, Any]) -> bytes:
+        """The change as JSON; fields set to None are left out (they change nothing)."""
         change = {"op": op, "task_id": str(task_id), "retention_s": self.retention_s,
                   "publish": self.publish}
         change.update({name: value for name, value in fields.items() if value is not None})
         return orjson.dumps(change)
 
     def script_keys(self, task_id: int) -> list[str]:
+        """KEYS of the script call: the task's record, then its channel."""
         return [self.keys.record(task_id), self.keys.channel(task_id)]
 
     @staticmethod
     def completion(image_url: str | None, image_base64: str | bytes | None) -> dict[str, Any]:
+        """The fields of a completion; raw image bytes are base64-encoded, text is not."""
         if isinstance(image_base64, bytes):
             # Raw image bytes are encoded here; already-encoded text is passed as is.
             image_base64 = base64.b64encode(image_base64).decode("ascii")
@@ -56,12 +59,24 @@ class _Changes:
 
     @staticmethod
     def failure(error_message: str) -> dict[str, Any]:
+        """The fields of a failure; raises ValueError for an empty message."""
         if not error_message:
             raise ValueError("a failed task needs an error_message")
         return {"status": TaskStatus.FAILED.value, "error_message": error_message}
 
 
 class Producer:
+    """Changes tasks through the update script, for asyncio code.
+
+    Each change is one atomic script call, which publishes the new state if it changed
+    anything. It returns the task as the script left it, or raises TransitionRejected
+    (`reason` as in the contract; nothing written), TaskNotFound, or StoreUnavailable when
+    Redis does not answer, in which case the change may or may not have happened. Sending
+    the same change again is safe: a change that alters nothing writes and publishes
+    nothing and returns the current state (but a create with an explicit id is then
+    EXISTS). An error reply that is not a refusal is raised as redis-py's ResponseError.
+    """
+
     def __init__(
         self,
         redis: aioredis.Redis,
@@ -83,6 +98,7 @@ class Producer:
         return cls(connect(url), **options)
 
     async def close(self) -> None:
+        """Close the Redis client, also one the caller passed in."""
         await self.redis.aclose()
 
     async def create(self, *, task_id: int | None = None, type: str = "", angle: str = "") -> Task:
@@ -114,6 +130,8 @@ class Producer:
     async def progress(
         self, task_id: int, progress: int, *, status: TaskStatus = TaskStatus.PROCESSING
     ) -> Task:
+        """Set the progress (0..100; lower than the current one is PROGRESS_DECREASE) and
+        the status, processing unless told otherwise."""
         return await self._run("update", task_id, {"status": status.value, "progress": progress})
 
     async def complete(
@@ -123,9 +141,12 @@ class Producer:
         image_url: str | None = None,
         image_base64: str | bytes | None = None,
     ) -> Task:
+        """Complete the task (progress 100) with an image URL and/or the image; bytes are
+        base64-encoded here, a str is sent as it is."""
         return await self._run("update", task_id, _Changes.completion(image_url, image_base64))
 
     async def fail(self, task_id: int, error_message: str) -> Task:
+        """Fail the task; an empty `error_message` raises ValueError before Redis is asked."""
         return await self._run("update", task_id, _Changes.failure(error_message))
 
     async def update(self, task_id: int, **fields: Any) -> Task:
@@ -165,7 +186,8 @@ class Producer:
 
 
 class SyncProducer:
-    """The blocking twin of Producer, for workers that are not asyncio."""
+    """The blocking twin of Producer, for workers that are not asyncio: the same calls,
+    returns and exceptions, each blocking until Redis answers or the client gives up."""
 
     def __init__(
         self,
@@ -181,13 +203,16 @@ class SyncProducer:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SyncProducer:
+        """A `redis+cluster://` URL publishes with SPUBLISH (sharded) unless told otherwise."""
         options.setdefault("sharded", is_cluster_url(url))
         return cls(connect_sync(url), **options)
 
     def close(self) -> None:
+        """Close the Redis client, also one the caller passed in."""
         self.redis.close()
 
     def create(self, *, task_id: int | None = None, type: str = "", angle: str = "") -> Task:
+        """As Producer.create."""
         if task_id is not None:
             return self._run("create", task_id, {"type": type, "angle": angle})
         try:
@@ -204,6 +229,7 @@ class SyncProducer:
     def progress(
         self, task_id: int, progress: int, *, status: TaskStatus = TaskStatus.PROCESSING
     ) -> Task:
+        """As Producer.progress."""
         return self._run("update", task_id, {"status": status.value, "progress": progress})
 
     def complete(
@@ -213,12 +239,15 @@ class SyncProducer:
         image_url: str | None = None,
         image_base64: str | bytes | None = None,
     ) -> Task:
+        """As Producer.complete."""
         return self._run("update", task_id, _Changes.completion(image_url, image_base64))
 
     def fail(self, task_id: int, error_message: str) -> Task:
+        """As Producer.fail."""
         return self._run("update", task_id, _Changes.failure(error_message))
 
     def update(self, task_id: int, **fields: Any) -> Task:
+        """As Producer.update."""
         return self._run("update", task_id, fields)
 
     def get(self, task_id: int) -> Task:

@@ -12,26 +12,33 @@ JSON = "application/json"
 
 
 class JSONBody(Response):
+    """A response whose body is `content` as JSON (orjson: compact, UTF-8)."""
+
     media_type = JSON
 
     def render(self, content: Any) -> bytes:
+        """Starlette's hook: `content` encoded with orjson."""
         return orjson.dumps(content)
 
 
 def envelope(code: int, msg: str, data: Any = None, headers: Mapping[str, str] | None = None
              ) -> Response:
+    """The seed's `{"code", "msg", "data"}` body, with `code` as the HTTP status too."""
     return JSONBody({"code": code, "msg": msg, "data": data}, status_code=code, headers=headers)
 
 
 def not_found(msg: str = "task not found") -> Response:
+    """The seed's 404 body."""
     return envelope(404, msg)
 
 
 def internal_error() -> Response:
+    """The seed's 500 body; it names no cause (that goes to the log)."""
     return envelope(500, "internal server error")
 
 
 def validation_error(details: list[dict[str, Any]]) -> Response:
+    """422 with a FastAPI-style `{"detail": [...]}` body."""
     return JSONBody({"detail": details}, status_code=422)
 
 

@@ -16,6 +16,7 @@ _TRUE = ("true", "1", "yes", "on")
 
 
 def etag_for(version: int, include_image_base64: bool) -> str:
+    """The ETag of a version: `"<version>"`, or `"<version>-no-image-base64"`."""
     # The trimmed body is a different representation of the same version: it needs its own tag.
     return f'"{version}"' if include_image_base64 else f'"{version}-no-image-base64"'
 
@@ -44,6 +45,9 @@ def _matches(if_none_match: str, etag: str) -> bool:
 
 
 async def get_task(request: Request) -> Response:
+    """`GET /tasks/{task_id}`: 200 with the task and its ETag, 304 when If-None-Match has
+    that ETag, 404, or 422 for a malformed id or flag. StoreUnavailable and CorruptRecord
+    propagate to the app's handlers (500); a corrupt record is never a 304."""
     store: TaskStore = request.app.state.store
     try:
         task_id = parse_task_id(request.path_params.get("task_id", ""))

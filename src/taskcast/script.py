@@ -14,6 +14,7 @@ SCRIPT_RESOURCE = "lua/apply_change.lua"
 
 @cache
 def script_source() -> str:
+    """The text of lua/apply_change.lua, read once per process."""
     return files("taskcast").joinpath(SCRIPT_RESOURCE).read_text(encoding="utf-8")
 
 

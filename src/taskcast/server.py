@@ -43,7 +43,7 @@ from taskcast.websocket_protocol import Limits, WebSocketConnection
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_UVICORN = ((0, 55), (0, 56))  # [lowest, above highest): the versions tested
+SUPPORTED_UVICORN = ((0, 54), (0, 56))  # [lowest, above highest): the versions tested
 SHUTDOWN_HOOK = "taskcast.server_shutdown"  # key in the lifespan state; value: a callable
 FEATURES = ("direct_http_writes", "websocket_protocol", "shutdown_notice")
 
@@ -59,6 +59,7 @@ class ServerSupport:
     problems: tuple[str, ...] = ()
 
     def features(self) -> dict[str, bool]:
+        """Each name in FEATURES with whether it is on (the taskcast_server_feature gauge)."""
         return {name: bool(getattr(self, name)) for name in FEATURES}
 
 
@@ -111,10 +112,14 @@ class TaskcastHttpProtocol(HttpToolsProtocol):
     leaves no reference cycle behind when its connection becomes a WebSocket."""
 
     def shutdown(self) -> None:
+        """Tell the gateway first (on_server_shutdown), then uvicorn's own shutdown: an idle
+        connection closes now, one with a response under way once the response is done."""
         _notify_shutdown(self.app_state)
         super().shutdown()
 
     def handle_websocket_upgrade(self) -> None:
+        """uvicorn's upgrade, then cut the parser's cycle back to this object, which
+        reference counting can then free at once."""
         super().handle_websocket_upgrade()
         # The connection belongs to the WebSocket protocol now and this object is done.
         # Its parser refers back to it (callbacks), a cycle that uvicorn breaks only in
@@ -144,6 +149,7 @@ class TaskcastWebSocket(WebSocketConnection):
             connections=server_state.connections, tasks=server_state.tasks, loop=_loop)
 
     def shutdown(self) -> None:
+        """Tell the gateway first (on_server_shutdown), then WebSocketConnection.shutdown."""
         _notify_shutdown(self.app_state)
         super().shutdown()
 
@@ -185,6 +191,7 @@ class HttpLink:
 
     @property
     def disconnected(self) -> bool:
+        """uvicorn has seen the client go. Nothing announces it: the sweeper polls this."""
         return bool(self._cycle.disconnected)
 
     def keep_open_after_body(self) -> None:
@@ -193,6 +200,7 @@ class HttpLink:
         self._cycle.keep_alive = True
 
     def abort(self) -> None:
+        """Drop the connection at once, discarding what is buffered for the client."""
         self.transport.abort()
 
 
@@ -228,6 +236,8 @@ def abort_connection(send: Callable[..., Any]) -> bool:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's keyword arguments for these settings, with taskcast's protocol classes
+    (which server_support() looks for)."""
     return {
         "host": settings.host,
         "port": settings.port,
@@ -246,6 +256,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """A uvicorn.Config from uvicorn_options(settings); `overrides` win."""
     options = uvicorn_options(settings)
     options.update(overrides)
     return uvicorn.Config(app, **options)

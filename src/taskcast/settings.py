@@ -17,6 +17,8 @@ ENV_PREFIX = "TASKCAST_"
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """Every setting of a gateway: field `x_y` is `TASKCAST_X_Y` and `taskcast serve --x-y`."""
+
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     redis_url: str = field(
@@ -105,6 +107,7 @@ class Settings:
                 for spec in fields(self)}
 
     def with_changes(self, **changes: Any) -> Settings:
+        """A copy with `changes`; this one stays as it is."""
         return replace(self, **changes)
 
 

@@ -48,18 +48,23 @@ HEADERS = [
 
 
 def event_with_image(state: TaskState) -> bytes:
+    """The state as one SSE event (`id:` its version, `data:` the task object). Like the three
+    below, an encoding for TaskState.encoded: its bytes are built once per version."""
     return b"id: %d\ndata: %b\n\n" % (state.version, state.json(True))
 
 
 def event_without_image(state: TaskState) -> bytes:
+    """event_with_image with `image_base64` left empty (`?image_base64=false`)."""
     return b"id: %d\ndata: %b\n\n" % (state.version, state.json(False))
 
 
 def chunk_with_image(state: TaskState) -> bytes:
+    """event_with_image as one HTTP/1.1 body chunk, for direct writes (server.HttpLink)."""
     return server.http_chunk(state.encoded(event_with_image))
 
 
 def chunk_without_image(state: TaskState) -> bytes:
+    """event_without_image as one HTTP/1.1 body chunk, for direct writes."""
     return server.http_chunk(state.encoded(event_without_image))
 
 
@@ -135,6 +140,8 @@ class SseSession(Session):
 
     @property
     def disconnected(self) -> bool:
+        """uvicorn's word that the client left; always False without a direct link (then
+        a task waiting for `http.disconnect` reports it instead)."""
         return self._link is not None and self._link.disconnected
 
 
@@ -151,6 +158,9 @@ class EventStream:
         self.last_seen = last_seen
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """200 with the SSE headers (and CORS ones), then the retry hint and the session's
+        events until it ends or the client leaves; a HEAD gets the headers only. A client
+        that went away ends it quietly; the session is released on every way out."""
         cors: CorsPolicy | None = scope["app"].state.cors
         headers = HEADERS + (await cors.response_headers(scope) if cors else [])
         if scope["method"] == "HEAD":  # headers only: a HEAD must not open a stream

@@ -15,6 +15,7 @@ def _read(name: str) -> bytes:
 
 
 def static_file(name: str, media_type: str) -> Response:
+    """A file from the package's static/ folder (read once), to be revalidated by caches."""
     return Response(_read(name), media_type=media_type, headers={"Cache-Control": "no-cache"})
 
 

@@ -21,6 +21,13 @@ STORE_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError
 
 
 class TaskStore:
+    """hub.TaskReader over Redis (or the embedded store): reads only, never writes.
+
+    Every read raises StoreUnavailable when Redis does not answer (within the client's
+    timeout); a record that breaks the contract raises CorruptRecord from get() and is left
+    out of get_many().
+    """
+
     def __init__(self, redis: aioredis.Redis, keys: TaskKeys) -> None:
         self.redis = redis
         self.keys = keys
@@ -76,6 +83,7 @@ class TaskStore:
         return found
 
     async def ping(self) -> bool:
+        """Whether Redis answers PING; never raises for a Redis that does not."""
         try:
             return bool(await self.redis.ping())
         except STORE_ERRORS:

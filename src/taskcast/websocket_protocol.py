@@ -9,7 +9,7 @@ a few slots, shares one keep-alive ticker per event loop among all connections, 
 gateway write a frame it encoded once (`write_frames`) or close synchronously (`close_now`).
 
 What it implements: the opening handshake (GET, HTTP/1.1, `Upgrade: websocket`,
-`Sec-WebSocket-Version: 13`, a 16-byte key; 400 or 426 otherwise), masked client frames,
+`Sec-WebSocket-Version: 13`, a 16-byte key; 400, 426 or 431 otherwise), masked client frames,
 fragmented messages, text (strict UTF-8, else 1007) and binary messages, ping/pong, the close
 handshake, protocol errors (1002), messages over `max_size` (1009), keep-alive pings with a
 deadline for the pong (1011), and graceful server shutdown (1012). No extensions are negotiated
@@ -69,6 +69,8 @@ class ClientDisconnected(OSError):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What one connection allows its client, and how long it waits for it."""
+
     max_size: int = 1 << 20  # largest message a client may send; more: close 1009
     ping_interval: float | None = 20.0  # seconds between pings; None: no pings
     ping_timeout: float | None = 20.0  # how long a pong may take; more: close 1011
@@ -93,7 +95,7 @@ def text_frame(payload: bytes) -> bytes:
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
-    # At most 123 bytes of reason, cut between characters.
+    """A close frame; the reason is cut to at most 123 bytes, between characters."""
     cut = reason.encode()[:123].decode("utf-8", "ignore").encode()
     return frame(OP_CLOSE, struct.pack("!H", code) + cut)
 
@@ -113,12 +115,15 @@ class KeepAlive:
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> KeepAlive:
+        """The loop's ticker, made on first use."""
         keepalive = cls._by_loop.get(loop)
         if keepalive is None:
             keepalive = cls._by_loop[loop] = cls(loop)
         return keepalive
 
     def add(self, connection: WebSocketConnection, period: float) -> None:
+        """Tick `connection` at least every `period` seconds until forget(): all members
+        share one period, the shortest asked for since the ticker started."""
         self.members.add(connection)
         if period < self.period and self._wake is not None and not self._wake.done():
             self._wake.set_result(None)  # tick now, then at the shorter period
@@ -128,6 +133,7 @@ class KeepAlive:
 
     @classmethod
     def forget(cls, loop: asyncio.AbstractEventLoop, connection: WebSocketConnection) -> None:
+        """No more ticks for `connection`; the ticker stops after its last member left."""
         keepalive = cls._by_loop.get(loop)
         if keepalive is not None:
             keepalive.members.discard(connection)
@@ -151,7 +157,13 @@ class KeepAlive:
 
 
 class WebSocketConnection(asyncio.Protocol):
-    """One WebSocket connection: the RFC 6455 server side, and its ASGI interface."""
+    """One WebSocket connection: the RFC 6455 server side, and its ASGI interface.
+
+    Three sides: asyncio calls the Protocol methods; the application gets receive() and
+    send(), the only methods that wait; the gateway and the server call write_frame_if_idle,
+    write_frames, close_now, abort and shutdown, which never wait and never raise for a
+    connection that is gone (they return False or do nothing).
+    """
 
     __slots__ = ("app", "limits", "root_path", "app_state", "connections", "tasks",
                  "transport", "state", "scope", "_buffer", "_fragments", "_fragment_opcode",
@@ -195,11 +207,14 @@ class WebSocketConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """asyncio.Protocol: register with the server, which shuts down what it holds."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
         self.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """asyncio.Protocol: receive() ends with a disconnect (1006 unless a close came
+        first), and a send waiting for the buffer raises ClientDisconnected."""
         self.connections.discard(self)
         KeepAlive.forget(self._loop, self)
         self.state = CLOSED
@@ -207,19 +222,26 @@ class WebSocketConnection(asyncio.Protocol):
         self._wake_writer()
 
     def eof_received(self) -> bool | None:
+        """asyncio.Protocol: the client half-closed, which ends the connection; receive()
+        gives 1006 unless a close came first."""
         if self.state == CONNECTING:
             self.state = CLOSED  # the application must not answer a client that left
         self._disconnected(1006)
         return None  # the transport closes itself
 
     def pause_writing(self) -> None:
+        """asyncio.Protocol: the buffer is over its high-water mark; send() waits."""
         self._writable = False
 
     def resume_writing(self) -> None:
+        """asyncio.Protocol: the buffer drained; waiting sends go on."""
         self._writable = True
         self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
+        """asyncio.Protocol: the opening handshake, then client frames (see the module
+        docstring). Reading pauses once `max_queued` messages wait for receive(), and
+        resumes when a quarter of that is left."""
         if self._failed:
             return
         if self._buffer:
@@ -474,6 +496,10 @@ class WebSocketConnection(asyncio.Protocol):
             self.close_now(1000)
 
     async def receive(self) -> Message:
+        """The next ASGI event, waiting for it: `websocket.connect`, then each client message
+        as `websocket.receive`, exactly once and in the order received, then
+        `websocket.disconnect` with the close code, which every later call returns again.
+        Messages that arrived before the end still come first. Raises nothing of its own."""
         while not self._inbox:
             if self._disconnect is not None:
                 return self._disconnect
@@ -490,6 +516,12 @@ class WebSocketConnection(asyncio.Protocol):
         return message
 
     async def send(self, message: Message) -> None:
+        """Carry out one ASGI event. Before accept: `websocket.accept`, or `websocket.close`
+        (the upgrade gets an HTTP 403). While open: `websocket.send` writes one frame, after
+        waiting while the buffer is over its high-water mark, and returns once the transport
+        has it, not the client; `websocket.close` starts the closing handshake. Once closed
+        or closing, by either side: `websocket.close` does nothing, anything else raises
+        ClientDisconnected. A message that is not valid here raises RuntimeError."""
         kind = message["type"]
         if self.state == CONNECTING:
             if kind == "websocket.accept":
@@ -555,6 +587,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     @property
     def is_open(self) -> bool:
+        """Accepted, and no close begun by either side: frames can still be written."""
         return self.state == OPEN
 
     @property

@@ -43,26 +43,33 @@ MAX_QUEUED_REPLIES = 64
 
 
 def message_with_image(state: TaskState) -> bytes:
+    """The state's `{"type":"task","data":...}` message as UTF-8 JSON. Like the five below,
+    an encoding for TaskState.encoded: built once per version, shared by every socket."""
     return b'{"type":"task","data":' + state.json(True) + b"}"
 
 
 def message_without_image(state: TaskState) -> bytes:
+    """message_with_image with `image_base64` left empty (`?image_base64=false`)."""
     return b'{"type":"task","data":' + state.json(False) + b"}"
 
 
 def frame_with_image(state: TaskState) -> bytes:
+    """message_with_image as a whole text frame, for direct writes."""
     return text_frame(state.encoded(message_with_image))
 
 
 def frame_without_image(state: TaskState) -> bytes:
+    """message_without_image as a whole text frame, for direct writes."""
     return text_frame(state.encoded(message_without_image))
 
 
 def text_with_image(state: TaskState) -> str:
+    """message_with_image as text, for an ASGI `websocket.send`."""
     return state.encoded(message_with_image).decode()
 
 
 def text_without_image(state: TaskState) -> str:
+    """message_without_image as text, for an ASGI `websocket.send`."""
     return state.encoded(message_without_image).decode()
 
 
@@ -74,11 +81,14 @@ _CLOSES = {End.DONE: (CloseCode.NORMAL, "task finished"),
 
 
 class TokenBucket:
+    """A rate limit: `rate` per second sustained, `burst` at once (it starts full)."""
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, float(burst)
         self.tokens, self.stamp = float(burst), time.monotonic()
 
     def take(self) -> bool:
+        """Spend one token: True if there was one, else False and nothing is spent."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
@@ -89,6 +99,8 @@ class TokenBucket:
 
 
 class Abuse(Exception):
+    """A client over one of the socket's limits: the socket is closed with `code`."""
+
     def __init__(self, code: CloseCode, reason: str) -> None:
         super().__init__(reason)
         self.code, self.reason = code, reason
@@ -110,14 +122,18 @@ class WsSession(Session):
         _, self._frame, self._text = _ENCODINGS[include_image_base64]
 
     def reply(self, frame: dict[str, Any]) -> None:
+        """Queue a server frame behind what is queued (see Session.send_control). Raises
+        Abuse (4429) instead when MAX_QUEUED_REPLIES frames already wait for this client."""
         if self.backlog >= MAX_QUEUED_REPLIES:
             raise Abuse(CloseCode.RATE_LIMITED, "too many requests in flight")
         self.send_control(orjson.dumps(frame))
 
     def error(self, code: ErrorCode, msg: str, **extra: Any) -> None:
+        """reply() an error frame; the socket stays open. Raises Abuse as reply() does."""
         self.reply({"type": "error", "code": int(code), "msg": msg, **extra})
 
     def close(self, code: CloseCode, reason: str) -> None:
+        """Close with `code` once what was collected is written (Session.finish)."""
         self.finish(End.CLOSED, (code, reason))
 
     # -- Session hooks
