@@ -25,17 +25,26 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from taskcast.broker_cluster import ShardedPubSubBroker
 from taskcast.errors import StoreUnavailable
 from taskcast.keys import TaskKeys
 from taskcast.models import Task
 from taskcast.producer import Producer
 from taskcast.settings import Settings
-from tests.servers import REDIS_CLI, Gateway, RedisClusterNodes, RedisServer, run_gateway
+from tests.servers import (
+    REDIS_CLI,
+    Gateway,
+    RedisClusterNodes,
+    RedisServer,
+    free_port,
+    run_gateway,
+)
 from tests.sse_client import (
     TERMINAL,
     Follower,
@@ -981,3 +990,19 @@ async def test_many_concurrent_creates_on_a_cold_cluster_producer_all_succeed(
         async with asyncio.timeout(RUN_BOUND_S):
             created = await asyncio.gather(*(producer.create() for _ in range(300)))
     assert sorted(task.task_id for task in created) == list(range(1, 301))
+
+
+async def test_subscribing_before_the_slot_map_is_loaded_waits_for_the_next_refresh(
+    prefix: str
+) -> None:
+    """A gateway that started while the cluster was unreachable has no slot map: following a
+    task must not raise (redis-py raises SlotNotCoveredError, not a RedisError, there)."""
+    cluster = RedisCluster(host="127.0.0.1", port=free_port())  # nothing listens there
+    broker = ShardedPubSubBroker(cluster, TaskKeys(prefix))
+    try:
+        broker.subscribe(1)
+        assert broker.subscription_count == 1 and broker.node_channels() == {}
+        broker.unsubscribe(1)
+        assert broker.subscription_count == 0
+    finally:
+        await cluster.aclose()

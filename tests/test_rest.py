@@ -23,6 +23,7 @@ import yaml
 from taskcast.keys import TaskKeys
 from taskcast.producer import Producer
 from taskcast.settings import Settings
+from taskcast.store import TaskStore
 from tests.servers import Gateway, RedisServer, free_port, run_gateway
 
 SEED = Path(__file__).parent / "data" / "task-status.openapi.yaml"
@@ -268,6 +269,7 @@ async def test_invalid_image_base64_flag_gives_a_bool_parsing_422(
     ("field", "value"),
     [pytest.param("status", "bogus", id="unknown-status"),
      pytest.param("progress", "abc", id="non-integer-progress"),
+     pytest.param("progress", "--5", id="double-minus-progress"),
      pytest.param("version", "v2", id="non-integer-version")],
 )
 async def test_corrupt_record_gives_the_seed_500_envelope_without_details(
@@ -287,6 +289,7 @@ async def test_corrupt_record_gives_the_seed_500_envelope_without_details(
     ("field", "value"),
     [pytest.param("status", "bogus", id="unknown-status"),
      pytest.param("progress", "abc", id="non-integer-progress"),
+     pytest.param("progress", "--5", id="double-minus-progress"),
      pytest.param("version", "v2", id="non-integer-version")],
 )
 @pytest.mark.parametrize("if_none_match", [pytest.param('"1"', id="current-etag"),
@@ -302,6 +305,15 @@ async def test_conditional_get_of_a_corrupt_record_is_500_not_304(
     response = await client.get(f"/tasks/{task.task_id}",
                                 headers={"If-None-Match": if_none_match})
     assert seed_shape(response, 500) == INTERNAL_ERROR
+
+
+async def test_one_corrupt_record_does_not_hide_the_others_from_a_batch_read(
+    producer: Producer, redis: aioredis.Redis, prefix: str
+) -> None:
+    good, bad = await producer.create(), await producer.create()
+    await redis.hset(TaskKeys(prefix).record(bad.task_id), "progress", "--5")
+    found = await TaskStore(redis, TaskKeys(prefix)).get_many([good.task_id, bad.task_id])
+    assert found == {good.task_id: good}
 
 
 async def test_corrupt_record_written_by_plain_hset_gives_500(

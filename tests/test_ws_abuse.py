@@ -67,8 +67,9 @@ async def assert_error_frame(ws: ClientConnection, code: int) -> Frame:
 
 
 @asynccontextmanager
-async def gateway_with(settings: Settings, **changes: Any) -> AsyncIterator[Gateway]:
-    async with run_gateway(settings.with_changes(**changes)) as gateway:
+async def gateway_with(settings: Settings, server: dict[str, Any] | None = None,
+                       **changes: Any) -> AsyncIterator[Gateway]:
+    async with run_gateway(settings.with_changes(**changes), **(server or {})) as gateway:
         yield gateway
 
 
@@ -606,11 +607,14 @@ async def test_a_client_that_stops_reading_is_closed_and_others_still_get_termin
         await assert_still_serving(gateway, producer)
 
 
+# Under taskcast's own WebSocket connection, and under uvicorn's (the plain ASGI path).
+@pytest.mark.parametrize("server", [{}, {"http": "h11", "ws": "websockets-sansio"}],
+                         ids=["taskcast-websocket", "uvicorn-websocket"])
 async def test_a_client_that_never_reads_again_has_its_connection_released(
-    settings: Settings, producer: Producer
+    settings: Settings, producer: Producer, server: dict[str, Any]
 ) -> None:
     ids = [(await producer.create()).task_id for _ in range(tasks_to_stall())]
-    async with gateway_with(settings, send_timeout_s=1.0) as gateway:
+    async with gateway_with(settings, server, send_timeout_s=1.0) as gateway:
         async with stalled_client(gateway, ids):
             await complete_with_big_images(producer, ids)
             await wait_for_metric(gateway, "taskcast_slow_client_disconnects_total",

@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from taskcast.broker import RedisPubSubBroker
 from taskcast.hub import BrokerListener
@@ -125,8 +125,10 @@ class ShardedPubSubBroker:
     def _owner_of(self, channel: str) -> str | None:
         try:
             node = self.cluster.get_node_from_key(channel)
-        except RedisError:
-            return None  # slot not covered right now: the next refresh places it
+        except (RedisError, RedisClusterException):
+            # No slot map yet (the cluster was down at start-up) or the slot is not covered
+            # right now (SlotNotCoveredError is not a RedisError): the next refresh places it.
+            return None
         return node.name if node is not None else None
 
     def _place(self, channel: str) -> None:

@@ -191,7 +191,7 @@ class Session:
         metrics = self.conns.metrics
         metrics.slow_disconnects.labels(self.transport).inc()
         metrics.dropped.inc(len(self.watcher.take()) + len(self._unsent))
-        self._unsent = []
+        self._unsent, self._control = [], []
         if not self._abort():
             # The server offers no abort: cancel whoever is stuck in the write.
             if self._pump is not None:
@@ -254,6 +254,10 @@ class Session:
 
     def _collect(self) -> list[Item]:
         """Take what is queued, apply the end rules, and return the items to write in order."""
+        if self.end in _SILENT_ENDS:  # nothing more is written
+            self._unsent, self._control = [], []
+            self.watcher.take()
+            return []
         items: list[Item] = list(self._unsent)
         self._unsent = []
         if self._control:
@@ -330,7 +334,8 @@ class Session:
         if waiter is not None:
             if not waiter.done():
                 waiter.set_result(None)
-        elif start and self._pump is None and self._needs_pump_task() and not self._released:
+        elif (start and self._pump is None and self._needs_pump_task() and not self._released
+              and self.end not in _SILENT_ENDS):
             self._pump = asyncio.get_running_loop().create_task(self._run_pump())
 
     async def _run_pump(self) -> None:

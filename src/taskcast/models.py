@@ -6,6 +6,7 @@ envelope in responses.py."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -14,6 +15,8 @@ from typing import Any
 import orjson
 
 from taskcast.errors import CorruptRecord
+
+_INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; int() takes more ("٣", "1_0")
 
 
 class TaskStatus(StrEnum):
@@ -110,7 +113,7 @@ class Task:
                 return 0
             # Strictly digits, as the Lua script reads them: the two must agree on what a
             # valid record is, or the gateway would show tasks no producer can update.
-            if not (raw.isascii() and raw.lstrip("-").isdigit()):
+            if not _INTEGER.fullmatch(raw):
                 raise CorruptRecord(task_id, f"{name}={raw!r} is not an integer")
             return int(raw)
 

@@ -190,7 +190,7 @@ class WsSession(Session):
 
     def _abort(self) -> bool:
         if self._link is None:
-            return False
+            return server.abort_connection(self._asgi_send)
         self._link.abort()
         return True
 
