@@ -60,6 +60,7 @@ class LinkApp:
     def __init__(self) -> None:
         self.links: asyncio.Queue[server.HttpLink | None] = asyncio.Queue()
         self.release = asyncio.Event()
+        self.ended_directly = False  # the test ended the body with HttpLink.end_now
         self.support: server.ServerSupport | None = None
         self.shutdowns = 0
 
@@ -78,7 +79,8 @@ class LinkApp:
             link.keep_open_after_body()
         await self.links.put(link)
         await self.release.wait()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not self.ended_directly:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _shutdown(self) -> None:
         self.shutdowns += 1
@@ -141,6 +143,22 @@ async def test_a_direct_write_is_one_http_chunk_on_the_wire() -> None:
         writer.close()
 
 
+async def test_end_now_writes_the_last_chunk_and_the_end_of_the_body_at_once() -> None:
+    app = LinkApp()
+    async with serving(app) as (_, port):
+        reader, writer = await raw_get(port)
+        link = await app.links.get()
+        assert link is not None
+        assert link.end_now(b"last")  # done when it returns: no await in between
+        app.ended_directly = True
+        async with asyncio.timeout(BOUND_S):
+            assert await reader.readuntil(b"0\r\n\r\n") == b"4\r\nlast\r\n0\r\n\r\n"
+        assert not link.end_now(b"again")  # the response is complete
+        app.release.set()
+        link.transport.close()  # the connection was taken over: ours to close
+        writer.close()
+
+
 async def test_nothing_is_written_directly_while_bytes_wait_for_the_client() -> None:
     app = LinkApp()
     async with serving(app) as (_, port):
@@ -158,6 +176,7 @@ async def test_nothing_is_written_directly_while_bytes_wait_for_the_client() -> 
                 link.write([filler])
                 await asyncio.sleep(0)
         assert not link.write_if_idle(server.http_chunk(b"late"))
+        assert not link.end_now(b"late")  # uvicorn's send would wait for the client
         link.abort()  # a slow client's buffered megabytes go at once
         async with asyncio.timeout(BOUND_S):
             while not link.disconnected:
@@ -279,3 +298,19 @@ async def test_without_the_fast_paths_sse_and_websockets_still_deliver_everythin
             assert one.close_code == 1000 and '"status":"completed"' in per_task[-1]
         assert stream_problems(transcripts[0], [first.task_id]) == []
         assert stream_problems(transcripts[1], [first.task_id, second.task_id], multi=True) == []
+
+
+async def test_a_send_that_waits_after_all_is_reported_not_left_half_done() -> None:
+    """end_now's promise rests on uvicorn's send not waiting when its flow control is not
+    paused; if a uvicorn ever did, the caller gets FastPathBroken (and falls back to ASGI)
+    instead of a send left suspended halfway."""
+    finished = []
+
+    async def waits() -> None:
+        await asyncio.sleep(0)
+        finished.append(True)
+
+    with pytest.raises(server.FastPathBroken):
+        server._run_now(waits())
+    await asyncio.sleep(0.01)
+    assert finished == []

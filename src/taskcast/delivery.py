@@ -42,7 +42,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import ClassVar
 
 from prometheus_client import Gauge
@@ -92,7 +92,7 @@ class Session:
     __slots__ = ("conns", "hub", "watcher", "include", "watching", "unfinished",
                  "ends_when_done", "end",
                  "end_detail", "sending_since", "active", "_delivered", "_control", "_unsent",
-                 "_started",
+                 "_started", "_done",
                  "_sending", "_waiter", "_pump", "_flush_scheduled", "_released")
 
     def __init__(self, conns: Connections, include_image_base64: bool, *,
@@ -112,6 +112,7 @@ class Session:
         self._control: list[bytes] = []
         self._unsent: list[Item] = []  # collected, not yet written (the pump writes them)
         self._started = False  # has followed at least one task
+        self._done = False  # the end has been carried out (written, or nothing to write)
         self._sending = False
         self._waiter: asyncio.Future[None] | None = None  # the pump, waiting for work
         self._pump: asyncio.Task[None] | None = None  # a pump task of our own (WS)
@@ -239,7 +240,12 @@ class Session:
         """Collect and write now; what cannot be done now goes to the pump."""
         items = self._collect()
         if self.end is not None:
-            if self.end in _SILENT_ENDS or not self._finish_now(items):
+            if self.end not in _SILENT_ENDS and self._finish_now(items):
+                self._done = True
+                # The pump (the request's task) has nothing left but the teardown: that waits
+                # until the deliveries of the moment are done, like the connection's close.
+                self.conns.closer.later(self._end_pump)
+            else:
                 # The pump writes the last items and the end together: one write, not two,
                 # which matters when many connections end at once.
                 self._unsent = items
@@ -297,9 +303,10 @@ class Session:
     async def pump(self) -> None:
         """Write what direct writes could not, until the session ends (or, for a pump task of
         our own, until the connection is idle again)."""
-        while not self._released:
+        while not self._released and not self._done:
             items = self._collect()
             if self.end is not None and self.end not in _SILENT_ENDS:
+                self._done = True
                 await self._timed(self._finish(items))
                 return
             if items:
@@ -314,6 +321,9 @@ class Session:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    def _end_pump(self) -> None:
+        self._wake(start=False)
 
     async def _timed(self, write: Awaitable[None]) -> None:
         """A pumped write, watched by the sweeper; a connection found gone ends the session."""
@@ -412,7 +422,9 @@ class Session:
 
 
 class DeferredCloser:
-    """Closes the connections of finished streams after the deliveries of the moment.
+    """Closes the connections of finished streams after the deliveries of the moment, and
+    runs other work that can wait as long (`later`: the teardown of streams that ended on the
+    direct path).
 
     Why: when many tasks finish together, every one of their connections ends at once, and
     closing a TCP connection (reading the client's FIN, the close and epoll syscalls, the
@@ -421,9 +433,11 @@ class DeferredCloser:
     ones (bench/README.md: terminal-state p99 up to ~100 ms when 500 tasks finish in 0.25 s).
 
     So a finished connection stops being read (a client's FIN then costs nothing until the
-    close) and is queued here. One task closes them: none while connections are still ending
-    (a tick in which one was queued), then at most `per_tick` every `tick_s`; whatever has
-    waited `max_delay_s` is closed at once, which bounds how long a finished connection lives.
+    close) and is queued here, and so is the wake-up of the task of a stream that ended
+    directly (its release costs about as much again). One task works through the queue: none
+    while connections are still ending (a tick in which one was queued), then at most
+    `per_tick` every `tick_s`; whatever has waited `max_delay_s` goes at once, which bounds how
+    long a finished connection lives.
     On shutdown everything queued is closed at once.
     """
 
@@ -432,7 +446,7 @@ class DeferredCloser:
         self.per_tick = per_tick
         self.tick_s = tick_s
         self.max_delay_s = max_delay_s
-        self._queue: deque[tuple[float, asyncio.Transport]] = deque()
+        self._queue: deque[tuple[float, asyncio.Transport | Callable[[], None]]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._now = False  # shutting down: close at once
 
@@ -451,8 +465,17 @@ class DeferredCloser:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
+    def later(self, call: Callable[[], None]) -> None:
+        """Run `call` under the same rules as the closes (at once after close_all)."""
+        if self._now:
+            call()
+            return
+        self._queue.append((time.monotonic(), call))
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
     def close_all(self) -> None:
-        """From now on close at once (shutdown), including what is queued."""
+        """From now on close and run at once (shutdown), including what is queued."""
         self._now = True
         while self._queue:
             self._close(self._queue.popleft()[1])
@@ -479,9 +502,11 @@ class DeferredCloser:
                 closed += 1
 
     @staticmethod
-    def _close(transport: asyncio.Transport) -> None:
-        if not transport.is_closing():
-            transport.close()
+    def _close(item: asyncio.Transport | Callable[[], None]) -> None:
+        if callable(item):
+            item()
+        elif not item.is_closing():
+            item.close()
 
 
 class Connections:

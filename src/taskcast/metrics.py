@@ -70,6 +70,11 @@ class Metrics:
             "1 when the server offers what a fast path needs (see server.py), else 0",
             ["feature"], registry=r,
         )
+        self.fast_path_failures = Counter(
+            "taskcast_fast_path_failures",
+            "Direct writes the server did not take as the adapter expects (then ASGI is used)",
+            ["feature"], registry=r,
+        )
         self.redis_reconnects = Counter(
             "taskcast_redis_reconnects", "Pub/sub connections re-established", registry=r
         )

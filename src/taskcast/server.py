@@ -1,6 +1,6 @@
 """The server adapter: the one module that knows uvicorn's internals.
 
-The gateway needs five things from its server that ASGI does not offer. Here is how each is
+The gateway needs six things from its server that ASGI does not offer. Here is how each is
 obtained from uvicorn (the versions in SUPPORTED_UVICORN, pinned in pyproject.toml):
 
 * write a pre-encoded body chunk straight to an SSE response's connection (HttpLink), skipping
@@ -8,6 +8,9 @@ obtained from uvicorn (the versions in SUPPORTED_UVICORN, pinned in pyproject.to
   request cycle, which ASGI's `send` is a bound method of;
 * detect a departed SSE client without a task per stream waiting for `http.disconnect`: the
   cycle's `disconnected` flag, polled by one timer for all streams;
+* end an SSE response without waiting for the stream's task, in the same write as its last
+  states (end_now): the cycle's own `send`, run to completion on the spot, which it does
+  whenever its flow control is not paused;
 * take over the close of a finished SSE response's connection (to close it later, between
   deliveries): the cycle's `keep_alive` flag;
 * abort a connection whose client stopped reading (ASGI can only close politely, which waits
@@ -31,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,11 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_UVICORN = ((0, 54), (0, 56))  # [lowest, above highest): the versions tested
 SHUTDOWN_HOOK = "taskcast.server_shutdown"  # key in the lifespan state; value: a callable
+
+
+class FastPathBroken(RuntimeError):
+    """The server did not behave as the versions this adapter was tested with: the caller
+    falls back to the plain ASGI path, and says so loudly."""
 FEATURES = ("direct_http_writes", "websocket_protocol", "shutdown_notice")
 
 
@@ -189,6 +197,18 @@ class HttpLink:
         else:
             self.transport.writelines(chunks)
 
+    def end_now(self, body: bytes) -> bool:
+        """End the response with `body` as its last bytes (one write: the chunk and the end of
+        the body), at once. uvicorn's own `send` does it, so the request cycle is complete as
+        if the application had sent it; it only ever waits while its flow control is paused,
+        and then this returns False having written nothing. Raises FastPathBroken (nothing
+        written) if the send waits anyway."""
+        cycle = self._cycle
+        if cycle.flow.write_paused or cycle.disconnected or cycle.response_complete:
+            return False
+        return _run_now(cycle.send({"type": "http.response.body", "body": body,
+                                    "more_body": False}))
+
     @property
     def disconnected(self) -> bool:
         """uvicorn has seen the client go. Nothing announces it: the sweeper polls this."""
@@ -202,6 +222,16 @@ class HttpLink:
     def abort(self) -> None:
         """Drop the connection at once, discarding what is buffered for the client."""
         self.transport.abort()
+
+
+def _run_now(step: Coroutine[Any, Any, None]) -> bool:
+    """Run a coroutine that should not wait to its end, now; FastPathBroken if it waits."""
+    try:
+        step.send(None)
+    except StopIteration:
+        return True
+    step.close()  # it waited before writing anything (uvicorn's send drains first)
+    raise FastPathBroken("uvicorn's send waited while its flow control said it would not")
 
 
 def http_chunk(data: bytes) -> bytes:

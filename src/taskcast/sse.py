@@ -109,7 +109,7 @@ class SseSession(Session):
         body = b"".join([self._payload(item) for item in items])
         await self._asgi_send({"type": "http.response.body", "body": body, "more_body": True})
 
-    async def _finish(self, items: list[Item]) -> None:
+    def _last_body(self, items: list[Item]) -> bytes:
         body = b"".join([self._payload(item) for item in items])
         if self.end is End.DONE and self._multi:
             body += STREAM_END
@@ -119,14 +119,34 @@ class SseSession(Session):
             assert isinstance(self.end_detail, list)
             names = ",".join(str(task_id) for task_id in self.end_detail)
             body += ServerSentEvent(data=names, event="not_found", sep="\n").encode()
+        return body
+
+    def _finish_now(self, items: list[Item]) -> bool:
+        """The last states and the end of the body in one write, from the hub's callback:
+        when many streams end together, no terminal state waits for other streams' teardown."""
         link = self._link
-        if link is not None:
-            # The client's FIN now waits for the closer instead of being handled (read, close,
-            # bookkeeping) in the middle of other streams' deliveries.
-            link.transport.pause_reading()
+        if link is None or not link.writable:
+            return False
+        try:
+            ended = link.end_now(self._last_body(items))
+        except server.FastPathBroken:
+            _fast_path_failed(self.conns)
+            return False
+        if ended:
+            self._closing(link)
+        return ended
+
+    async def _finish(self, items: list[Item]) -> None:
+        body = self._last_body(items)
         await self._asgi_send({"type": "http.response.body", "body": body, "more_body": False})
-        if link is not None:
-            self.conns.closer.add(link.transport)
+        if self._link is not None:
+            self._closing(self._link)
+
+    def _closing(self, link: server.HttpLink) -> None:
+        # The client's FIN now waits for the closer instead of being handled (read, close,
+        # bookkeeping) in the middle of other streams' deliveries.
+        link.transport.pause_reading()
+        self.conns.closer.add(link.transport)
 
     def _abort(self) -> bool:
         if self._link is None:
@@ -143,6 +163,12 @@ class SseSession(Session):
         """uvicorn's word that the client left; always False without a direct link (then
         a task waiting for `http.disconnect` reports it instead)."""
         return self._link is not None and self._link.disconnected
+
+
+def _fast_path_failed(conns: Connections) -> None:
+    conns.metrics.fast_path_failures.labels("sse_end_now").inc()
+    logger.error("an SSE stream could not end on the direct path (uvicorn changed?); "
+                 "ending it through ASGI", exc_info=True)
 
 
 class EventStream:
