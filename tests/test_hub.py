@@ -448,6 +448,8 @@ async def test_a_vanished_record_reaches_watchers_as_missing_and_an_unknown_id_l
     assert slow.watcher.ready
     assert slow.watcher.take_missing() == {1}
     assert slow.watcher.take() == []
+    # While watchers still hold the task, a lookup reads the store, not the vanished state.
+    assert await hub.lookup(1) is None
 
     assert await hub.lookup(42) is None
 

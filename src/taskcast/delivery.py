@@ -242,6 +242,7 @@ class Session:
         if self.end is not None:
             if self.end not in _SILENT_ENDS and self._finish_now(items):
                 self._done = True
+                self._stop_following()  # at once: the hub must not keep what we no longer want
                 # The pump (the request's task) has nothing left but the teardown: that waits
                 # until the deliveries of the moment are done, like the connection's close.
                 self.conns.closer.later(self._end_pump)
@@ -322,6 +323,12 @@ class Session:
             finally:
                 self._waiter = None
 
+    def _stop_following(self) -> None:
+        self.hub.unwatch(self.watcher, self.watching)
+        self.watching.clear()
+        self.unfinished.clear()
+        self.watcher.close()
+
     def _end_pump(self) -> None:
         self._wake(start=False)
 
@@ -362,10 +369,7 @@ class Session:
         if self._released:
             return
         self._released = True
-        self.hub.unwatch(self.watcher, self.watching)
-        self.watching.clear()
-        self.unfinished.clear()
-        self.watcher.close()
+        self._stop_following()
         self.conns.discard(self)
         waiter = self._waiter
         if waiter is not None:

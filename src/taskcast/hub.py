@@ -507,10 +507,12 @@ class Hub:
             return
         found = await self.store.get_many(stale)
         for task_id, task in found.items():
+            topic = self._topics.get(task_id)
             if task is not None:
                 self.accept(task)
-            elif task_id in self._topics:
-                for watcher in tuple(self._topics[task_id].watchers):
+            elif topic is not None:
+                topic.state = None  # gone: a lookup must read the store, not this
+                for watcher in tuple(topic.watchers):
                     watcher.offer_missing(task_id)
 
     async def _periodic_resync(self) -> None:
