@@ -1032,6 +1032,29 @@ async def test_close_now_writes_before_frames_then_close_and_hands_tcp_to_the_cl
         assert await client.read_eof() == b""
 
 
+async def test_defer_to_hands_a_client_close_to_the_closer_and_tells_the_app_later(
+    plain: Running, route: Callable[[ASGIApp], str]
+) -> None:
+    probe = Probe()
+    handed: list[asyncio.Transport] = []
+    deferred: list[Callable[[], None]] = []
+    async with RawClient.open(plain.port) as client:
+        await client.handshake(route(probe))
+        connection = await probe.wait_accepted()
+        connection.defer_to(handed.append, deferred.append)
+        await client.reply_close(4001)  # the client closes first
+        received = await client.read_frame()
+        assert (received.opcode, received.payload) == (OP_CLOSE, close_payload(4001, b""))
+        await asyncio.sleep(0.05)
+        assert handed == [connection.transport] and not handed[0].is_closing()
+        assert len(deferred) == 1 and not probe.ended.is_set()  # the app is told later ...
+        deferred[0]()
+        assert await probe.wait_ended() == {"type": "websocket.disconnect", "code": 4001,
+                                            "reason": ""}  # ... when the gateway says so
+        handed[0].close()
+        assert await client.read_eof() == b""
+
+
 async def test_write_frames_and_write_frame_if_idle_write_whole_frames_while_open(
     plain: Running, route: Callable[[ASGIApp], str]
 ) -> None:

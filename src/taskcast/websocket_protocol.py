@@ -169,7 +169,7 @@ class WebSocketConnection(asyncio.Protocol):
                  "transport", "state", "scope", "_buffer", "_fragments", "_fragment_opcode",
                  "_fragment_size", "_inbox", "_receiver", "_paused_reading", "_writable",
                  "_drain_waiter", "_disconnect", "_ping_payload", "_ping_sent", "_next_ping",
-                 "_close_deadline", "_closer", "_failed", "_head", "_loop")
+                 "_close_deadline", "_closer", "_later", "_failed", "_head", "_loop")
 
     def __init__(self, app: ASGIApp, *, limits: Limits = Limits(), root_path: str = "",
                  app_state: dict[str, Any] | None = None, connections: set[Any] | None = None,
@@ -200,6 +200,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._next_ping = 0.0
         self._close_deadline = 0.0
         self._closer: Closer | None = None
+        self._later: Callable[[Callable[[], None]], None] | None = None
         self._failed = False  # after a protocol error, frame boundaries are lost: read nothing
         self._head = b""  # the 101 response, until the first write takes it along
         self._loop = loop or asyncio.get_event_loop()
@@ -219,6 +220,7 @@ class WebSocketConnection(asyncio.Protocol):
         KeepAlive.forget(self._loop, self)
         self.state = CLOSED
         self._disconnected(1006)
+        self._wake_receiver()  # now, even if a graceful close deferred it
         self._wake_writer()
 
     def eof_received(self) -> bool | None:
@@ -444,9 +446,13 @@ class WebSocketConnection(asyncio.Protocol):
         # The client closes: echo its code, then the server closes TCP first (RFC 6455 7.1.1).
         self._write(close_frame(code if code != 1005 else 1000))
         self.state = CLOSED
-        self._disconnected(code, reason)
+        self._disconnected(code, reason, graceful=True)
         self._close_deadline = time.monotonic() + self.limits.close_timeout
-        self.transport.close()  # once the echo is out; a client that stops reading: tick()
+        if self._closer is not None:
+            self.transport.pause_reading()
+            self._closer(self.transport)
+        else:
+            self.transport.close()  # once the echo is out; a client that stops reading: tick()
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection: close frame, FIN, then read until the client closes."""
@@ -632,14 +638,22 @@ class WebSocketConnection(asyncio.Protocol):
             return False
         transport.writelines([self._take_head(), *before, close_frame(code, reason)])
         self.state = CLOSING
-        self._closer = closer
-        self._disconnected(code, reason)
+        if closer is not None:
+            self._closer = closer
+        self._disconnected(code, reason, graceful=True)
         self._close_deadline = time.monotonic() + self.limits.close_timeout
         self._watch()
         if self._paused_reading:  # the client's close frame must get through
             self._paused_reading = False
             transport.resume_reading()
         return True
+
+    def defer_to(self, closer: Closer, later: Callable[[Callable[[], None]], None]) -> None:
+        """For graceful closes (either side's closing handshake): hand the TCP connection to
+        `closer` instead of closing it, and tell the application (receive()'s
+        websocket.disconnect) through `later`. A gateway uses this to keep many sockets
+        closing together from delaying the deliveries of the moment."""
+        self._closer, self._later = closer, later
 
     def abort(self) -> None:
         """Drop the connection at once, discarding whatever is buffered for the client."""
@@ -721,13 +735,19 @@ class WebSocketConnection(asyncio.Protocol):
         if receiver is not None and not receiver.done():
             receiver.set_result(None)
 
-    def _disconnected(self, code: int, reason: str = "") -> None:
+    def _disconnected(self, code: int, reason: str = "", graceful: bool = False) -> None:
         """Record (once) how the connection ended; receive() returns it after the inbox."""
         if self._disconnect is None:
             self._disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
-            receiver = self._receiver
-            if receiver is not None and not receiver.done():
-                receiver.set_result(None)
+            if graceful and self._later is not None:
+                self._later(self._wake_receiver)
+            else:
+                self._wake_receiver()
+
+    def _wake_receiver(self) -> None:
+        receiver = self._receiver
+        if receiver is not None and not receiver.done():
+            receiver.set_result(None)
 
     def _wake_writer(self) -> None:
         waiter = self._drain_waiter

@@ -169,8 +169,7 @@ class WsSession(Session):
             return False
         code, reason = self._close_code()
         assert self._link is not None
-        return self._link.close_now(code, reason, closer=self.conns.closer.add,
-                                    before=self._frames(items))
+        return self._link.close_now(code, reason, before=self._frames(items))
 
     async def _finish(self, items: list[Item]) -> None:
         await self._send(items)
@@ -350,6 +349,10 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
             return
     support: server.ServerSupport = state.server_support
     link = server.websocket_link(send) if support.websocket_protocol else None
+    if link is not None:
+        # Closing handshakes, which come in bursts when many tasks finish, wait for the
+        # deliveries of the moment: the close of the TCP connection and our own teardown.
+        link.defer_to(conns.closer.add, conns.closer.later)
     await send({"type": "websocket.accept"})
     session = WsSession(conns, include, send, link, per_task)
     try:
