@@ -1331,7 +1331,11 @@ async def test_a_handshake_over_max_handshake_bytes_gets_431() -> None:
         assert response.status == 431, response
 
 
-async def test_a_slow_app_receives_every_message_in_order_while_reads_pause_and_resume() -> None:
+# max_queued below 4 once paused reading for good (resume waited for fewer than max_queued // 4).
+@pytest.mark.parametrize("max_queued", [8, 2])
+async def test_a_slow_app_receives_every_message_in_order_while_reads_pause_and_resume(
+    max_queued: int
+) -> None:
     probe = Probe()
     release = asyncio.Event()
 
@@ -1342,7 +1346,7 @@ async def test_a_slow_app_receives_every_message_in_order_while_reads_pause_and_
             return await receive()
         await probe(scope, gated, send)
 
-    limits = Limits(ping_interval=None, max_queued=8)
+    limits = Limits(ping_interval=None, max_queued=max_queued)
     async with serve_standalone(slow, limits) as running, RawClient.open(running.port) as client:
         await client.handshake("/")
         connection = await probe.wait_accepted()
@@ -1456,30 +1460,6 @@ async def test_bytes_after_a_protocol_error_do_not_postpone_the_close_deadline()
             assert connection not in running.connections, "still open after 7 close_timeouts"
         finally:
             connection.abort()
-
-
-async def test_reading_resumes_after_a_pause_with_a_max_queued_below_4() -> None:
-    probe = Probe()
-    release = asyncio.Event()
-
-    async def slow(scope: Message, receive: Receive, send: Send) -> None:
-        async def gated() -> Message:
-            if probe.accepted.is_set():
-                await release.wait()
-            return await receive()
-        await probe(scope, gated, send)
-
-    limits = Limits(ping_interval=None, max_queued=2)
-    async with serve_standalone(slow, limits) as running, RawClient.open(running.port) as client:
-        await client.handshake("/")
-        connection = await probe.wait_accepted()
-        assert connection.transport is not None
-        transport = connection.transport
-        await client.send(*(client_frame(OP_TEXT, str(index).encode()) for index in range(5)))
-        await wait_for(lambda: not transport.is_reading())
-        await client.send(*(client_frame(OP_TEXT, str(index).encode()) for index in range(5, 10)))
-        release.set()
-        await wait_for(lambda: len(probe.received) == 11, bound_s=1.0)
 
 
 async def test_an_app_that_returns_when_the_client_left_before_accept_logs_no_error(
