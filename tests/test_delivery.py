@@ -51,7 +51,7 @@ class Loopback(Session):
 
     def __init__(self, conns: Connections, connection: asyncio.Transport, *,
                  ends_when_done: bool = True) -> None:
-        super().__init__(conns, True, ends_when_done=ends_when_done)
+        super().__init__(conns, ends_when_done=ends_when_done)
         self.connection = connection
         self.writes: list[tuple[str, list[bytes]]] = []  # ("direct"|"pumped"|"end", records)
         self.ended: End | None = None

@@ -67,11 +67,6 @@ class GatewayApp:
     def __init__(self, app: Starlette) -> None:
         self.app = app
 
-    @property
-    def state(self) -> object:
-        """The Starlette app's state, for code that holds this object as the app."""
-        return self.app.state
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI. The lifespan is the Starlette app's, after recording what the server
         offers (server_support) and asking to hear of its shutdown; a GET of an SSE path and

@@ -89,18 +89,16 @@ class Session:
     # the connection (SSE, whose stream ends when its last task does).
     drop_finished: ClassVar[bool] = True
 
-    __slots__ = ("conns", "hub", "watcher", "include", "watching", "unfinished",
+    __slots__ = ("conns", "hub", "watcher", "watching", "unfinished",
                  "ends_when_done", "end",
                  "end_detail", "sending_since", "active", "_delivered", "_control", "_unsent",
                  "_started", "_done",
                  "_sending", "_waiter", "_pump", "_flush_scheduled", "_released")
 
-    def __init__(self, conns: Connections, include_image_base64: bool, *,
-                 ends_when_done: bool) -> None:
+    def __init__(self, conns: Connections, *, ends_when_done: bool) -> None:
         self.conns = conns
         self.hub = conns.hub
         self.watcher = Watcher(conns.metrics, self._kick, self._take_now)
-        self.include = include_image_base64
         self.watching: set[int] = set()  # followed at the hub
         self.unfinished: set[int] = set()  # followed, and the terminal state not yet out
         self.ends_when_done = ends_when_done
@@ -313,7 +311,7 @@ class Session:
             if items:
                 await self._timed(self._send(items))
                 continue
-            if self.end is not None or self._released:
+            if self.end is not None:
                 return
             if self._pump is not None and self._writable():
                 return  # idle again: direct writes take over

@@ -257,10 +257,6 @@ def abort_connection(send: Callable[..., Any]) -> bool:
     """Abort the TCP connection under an ASGI `send` of any of uvicorn's protocols (ours, its
     httptools and h11 cycles, its WebSocket implementations: each keeps the transport it
     writes to); False under a server that offers no way to reach it."""
-    link = websocket_link(send) or http_link(send)
-    if link is not None:
-        link.abort()
-        return True
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     abort = getattr(transport, "abort", None)
     if not callable(abort):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from functools import partial
 
 from sse_starlette.event import ServerSentEvent
 from starlette.requests import Request
@@ -47,25 +49,20 @@ HEADERS = [
 ]
 
 
-def event_with_image(state: TaskState) -> bytes:
-    """The state as one SSE event (`id:` its version, `data:` the task object). Like the three
-    below, an encoding for TaskState.encoded: its bytes are built once per version."""
-    return b"id: %d\ndata: %b\n\n" % (state.version, state.json(True))
+def sse_event(include_image_base64: bool, state: TaskState) -> bytes:
+    """The state as one SSE event: `id:` its version, `data:` the task object."""
+    return b"id: %d\ndata: %b\n\n" % (state.version, state.json(include_image_base64))
 
 
-def event_without_image(state: TaskState) -> bytes:
-    """event_with_image with `image_base64` left empty (`?image_base64=false`)."""
-    return b"id: %d\ndata: %b\n\n" % (state.version, state.json(False))
+def sse_chunk(event: Callable[[TaskState], bytes], state: TaskState) -> bytes:
+    """The event as one HTTP/1.1 body chunk, for direct writes (server.HttpLink)."""
+    return server.http_chunk(state.encoded(event))
 
 
-def chunk_with_image(state: TaskState) -> bytes:
-    """event_with_image as one HTTP/1.1 body chunk, for direct writes (server.HttpLink)."""
-    return server.http_chunk(state.encoded(event_with_image))
-
-
-def chunk_without_image(state: TaskState) -> bytes:
-    """event_without_image as one HTTP/1.1 body chunk, for direct writes."""
-    return server.http_chunk(state.encoded(event_without_image))
+# Encodings for TaskState.encoded (built once per version, shared by every stream), one per
+# `image_base64` choice; a partial is its own cache key.
+EVENT = {include: partial(sse_event, include) for include in (True, False)}
+CHUNK = {include: partial(sse_chunk, EVENT[include]) for include in (True, False)}
 
 
 class SseSession(Session):
@@ -79,13 +76,12 @@ class SseSession(Session):
 
     def __init__(self, conns: Connections, include_image_base64: bool, send: Send,
                  link: server.HttpLink | None, multi: bool) -> None:
-        super().__init__(conns, include_image_base64, ends_when_done=True)
+        super().__init__(conns, ends_when_done=True)
         self._asgi_send = send
         self._link = link
         self._task = asyncio.current_task()
         self._multi = multi  # a multi-task stream ends with `event: end`
-        self._event = event_with_image if include_image_base64 else event_without_image
-        self._chunk = chunk_with_image if include_image_base64 else chunk_without_image
+        self._event, self._chunk = EVENT[include_image_base64], CHUNK[include_image_base64]
 
     def _payload(self, item: Item) -> bytes:
         return item if isinstance(item, bytes) else item.encoded(self._event)

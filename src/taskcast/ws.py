@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 import orjson
@@ -42,39 +43,26 @@ logger = logging.getLogger(__name__)
 MAX_QUEUED_REPLIES = 64
 
 
-def message_with_image(state: TaskState) -> bytes:
-    """The state's `{"type":"task","data":...}` message as UTF-8 JSON. Like the five below,
-    an encoding for TaskState.encoded: built once per version, shared by every socket."""
-    return b'{"type":"task","data":' + state.json(True) + b"}"
+def task_message(include_image_base64: bool, state: TaskState) -> bytes:
+    """The state's `{"type":"task","data":...}` message as UTF-8 JSON."""
+    return b'{"type":"task","data":' + state.json(include_image_base64) + b"}"
 
 
-def message_without_image(state: TaskState) -> bytes:
-    """message_with_image with `image_base64` left empty (`?image_base64=false`)."""
-    return b'{"type":"task","data":' + state.json(False) + b"}"
+def task_frame(message: Callable[[TaskState], bytes], state: TaskState) -> bytes:
+    """The message as a whole text frame, for direct writes."""
+    return text_frame(state.encoded(message))
 
 
-def frame_with_image(state: TaskState) -> bytes:
-    """message_with_image as a whole text frame, for direct writes."""
-    return text_frame(state.encoded(message_with_image))
+def task_text(message: Callable[[TaskState], bytes], state: TaskState) -> str:
+    """The message as text, for an ASGI `websocket.send`."""
+    return state.encoded(message).decode()
 
 
-def frame_without_image(state: TaskState) -> bytes:
-    """message_without_image as a whole text frame, for direct writes."""
-    return text_frame(state.encoded(message_without_image))
-
-
-def text_with_image(state: TaskState) -> str:
-    """message_with_image as text, for an ASGI `websocket.send`."""
-    return state.encoded(message_with_image).decode()
-
-
-def text_without_image(state: TaskState) -> str:
-    """message_without_image as text, for an ASGI `websocket.send`."""
-    return state.encoded(message_without_image).decode()
-
-
-_ENCODINGS = {True: (message_with_image, frame_with_image, text_with_image),
-              False: (message_without_image, frame_without_image, text_without_image)}
+# Encodings for TaskState.encoded (built once per version, shared by every socket), one per
+# `image_base64` choice; a partial is its own cache key.
+MESSAGE = {include: partial(task_message, include) for include in (True, False)}
+FRAME = {include: partial(task_frame, MESSAGE[include]) for include in (True, False)}
+TEXT = {include: partial(task_text, MESSAGE[include]) for include in (True, False)}
 _CLOSES = {End.DONE: (CloseCode.NORMAL, "task finished"),
            End.MISSING: (CloseCode.TASK_NOT_FOUND, "task not found"),
            End.SHUTDOWN: (CloseCode.SERVICE_RESTART, "server shutting down")}
@@ -115,11 +103,11 @@ class WsSession(Session):
 
     def __init__(self, conns: Connections, include_image_base64: bool, send: Send,
                  link: WebSocketConnection | None, per_task: bool) -> None:
-        super().__init__(conns, include_image_base64, ends_when_done=per_task)
+        super().__init__(conns, ends_when_done=per_task)
         self._asgi_send = send
         self._link = link
         self.per_task = per_task  # one task, task frames only, closed after its end
-        _, self._frame, self._text = _ENCODINGS[include_image_base64]
+        self._frame, self._text = FRAME[include_image_base64], TEXT[include_image_base64]
 
     def reply(self, frame: dict[str, Any]) -> None:
         """Queue a server frame behind what is queued (see Session.send_control). Raises
