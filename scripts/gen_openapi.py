@@ -103,8 +103,9 @@ EXTRA_PATHS: dict[str, Any] = {
                 "frames: `task` (with `data`), `subscribed`, `unsubscribed`, `pong`, `error` "
                 "(`code` 400 bad frame, 404 unknown tasks, 405 unknown op, 422 bad ids). Close "
                 "codes: 1008 Origin refused (HTTP 403 before the upgrade), 1009 frame too big, "
-                "1012 server restart, 1013 too slow, 4413 too many subscriptions, 4429 rate "
-                "limited, 4422 bad image_base64 flag."),
+                "1012 server restart, 4413 too many subscriptions, 4429 rate limited, 4422 bad "
+                "image_base64 flag. A client that stops reading has its connection aborted "
+                "after TASKCAST_SEND_TIMEOUT_S (an abnormal closure, 1006, no close frame)."),
             "parameters": [IMAGE_FLAG],
             "responses": {"101": {"description": "switching protocols"},
                           "403": {"description": "Origin not allowed"}},
