@@ -46,7 +46,7 @@ async def test_a_stream_gets_the_same_cors_headers_as_rest(
     expected = cors_headers(rest)
     if origin == SITE:
         assert expected["access-control-allow-origin"] == SITE
-        assert expected["access-control-expose-headers"] == "ETag"
+        assert expected["access-control-expose-headers"] == "ETag, WWW-Authenticate"
     else:
         assert "access-control-allow-origin" not in expected
     for response in (stream, multi, missing):

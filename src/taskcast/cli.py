@@ -1,4 +1,5 @@
-"""Command line: `taskcast serve` runs the gateway; `taskcast task ...` drives tasks by hand.
+"""Command line: `taskcast serve` runs the gateway; `taskcast task ...` drives tasks by hand;
+`taskcast token issue` mints an access token with the gateway's key.
 
 Only this module configures logging handlers.
 """
@@ -9,6 +10,7 @@ import argparse
 import gc
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,8 +25,8 @@ from taskcast.settings import Settings
 
 def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     for spec in fields(Settings):
-        if spec.name not in names:
-            continue
+        if spec.name not in names or spec.metadata.get("secret"):
+            continue  # secrets come from the environment only
         kind = {"int": int, "float": float}.get(str(spec.type), str)
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
@@ -71,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("task_id", type=int)
     for sub in (create, progress, complete, fail, get):
         _add_settings_flags(sub, ["redis_url", "prefix", "retention_s"])
+
+    token = commands.add_parser(
+        "token", help="access tokens (contract 7); the key comes from the environment")
+    token_actions = token.add_subparsers(dest="action", required=True)
+    issue = token_actions.add_parser(
+        "issue", help="print a token for some tasks (or all), signed with TASKCAST_JWT_SECRET, "
+        "or with the PEM private key in TASKCAST_JWT_PRIVATE_KEY_FILE")
+    issue.add_argument("--task", dest="tasks", action="append", default=[], metavar="ID",
+                       help="a task id the token opens (repeat for more)")
+    issue.add_argument("--all", action="store_true", help='every task ("tasks": "*")')
+    issue.add_argument("--ttl", type=float, required=True, metavar="SECONDS",
+                       help="lifetime of the token")
+    issue.add_argument("--algorithm", default=None,
+                       help="HS256 (default with a secret), RS256 (default with a private "
+                       "key), ES256, EdDSA, ...")
+    issue.add_argument("--claim", action="append", default=[], metavar="NAME=JSON",
+                       help="an extra claim, e.g. --claim sub='\"user-7\"'")
+    _add_settings_flags(issue, ["jwt_audience", "jwt_issuer"])
     return parser
 
 
@@ -90,14 +110,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.redis_url is None and "TASKCAST_REDIS_URL" not in os.environ:
             settings = settings.with_changes(redis_url="memory://")
         return _serve(settings, demo=True)
+    if args.command == "token":
+        return _issue_token(args, settings)
     return _task_command(args, settings)
 
 
 def _serve(settings: Settings, demo: bool = False) -> int:
     from taskcast import server
+    from taskcast.access import exposure_problem, verifier_for
     from taskcast.app import GatewayApp, create_app
     from taskcast.connection import is_memory_url
+    from taskcast.tokens import KeyConfigError
 
+    if demo and settings.auth != "off" and not settings.jwt_secret:
+        # The demo shows the production flow: its page gets tokens from the demo's own
+        # "generation service" endpoints (demo.py), which sign with this secret.
+        settings = settings.with_changes(jwt_secret=secrets.token_urlsafe(48))
+    problem = None if demo else exposure_problem(settings)
+    if problem is not None:
+        print(f"taskcast: {problem}", file=sys.stderr)
+        return 2
+    try:
+        verifier_for(settings)
+    except KeyConfigError as exc:
+        print(f"taskcast: access control: {exc}", file=sys.stderr)
+        return 2
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # uvicorn drains connections on SIGTERM, then re-raises the signal with the handler found
@@ -135,6 +172,49 @@ def _tune_gc() -> None:
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+def _issue_token(args: argparse.Namespace, settings: Settings) -> int:
+    from taskcast.tokens import issue
+
+    if bool(args.tasks) == bool(args.all):
+        print("taskcast: give --task ID (one or more) or --all", file=sys.stderr)
+        return 2
+    private_key_file = os.environ.get("TASKCAST_JWT_PRIVATE_KEY_FILE", "")
+    key: str | bytes
+    if private_key_file:
+        try:
+            key = Path(private_key_file).read_bytes()
+        except OSError as exc:
+            print(f"taskcast: cannot read TASKCAST_JWT_PRIVATE_KEY_FILE: {exc}", file=sys.stderr)
+            return 2
+        algorithm = args.algorithm or "RS256"
+    elif settings.jwt_secret:
+        key, algorithm = settings.jwt_secret, args.algorithm or "HS256"
+    else:
+        print("taskcast: no signing key: set TASKCAST_JWT_SECRET (the gateway's secret) or "
+              "TASKCAST_JWT_PRIVATE_KEY_FILE (the private half of TASKCAST_JWT_PUBLIC_KEY_FILE)",
+              file=sys.stderr)
+        return 2
+    claims = {}
+    for item in args.claim:
+        name, sep, raw = item.partition("=")
+        try:
+            claims[name] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            sep = ""
+        if not sep or not name:
+            print(f"taskcast: --claim {item!r} is not NAME=JSON", file=sys.stderr)
+            return 2
+    try:
+        token = issue(key, "*" if args.all else args.tasks, args.ttl, algorithm=algorithm,
+                      audience=settings.jwt_audience or None,
+                      issuer=settings.jwt_issuer or None, claims=claims)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        print(f"taskcast: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(token + "\n")
+    return 0
 
 
 def _task_command(args: argparse.Namespace, settings: Settings) -> int:

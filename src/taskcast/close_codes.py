@@ -10,6 +10,11 @@ Close codes (the connection ends):
     1012 SERVICE_RESTART         graceful shutdown; reconnect, maybe to another replica
     1013 TRY_AGAIN_LATER         not sent: a client that stops reading is aborted (ws.py), so
                                  it sees 1006; it reconnects and resumes from the records
+    4401 UNAUTHORIZED            access control (contract 7): no valid token at the upgrade of
+                                 /tasks/{id}/ws, an invalid one at the upgrade of /ws, no
+                                 valid token on /ws within ws_auth_timeout_s, or the token
+                                 expired; reconnect with a fresh token
+    4403 FORBIDDEN               /tasks/{id}/ws: the token does not name the task
     4404 TASK_NOT_FOUND          per-task socket: unknown or expired task; do not reconnect
     4413 TOO_MANY_SUBSCRIPTIONS  more than ws_max_subscriptions tasks on one socket
     4422 INVALID_TASK_ID         per-task socket: malformed id; either socket: a malformed
@@ -21,9 +26,13 @@ come from websocket_protocol.py.
 
 Error frames (`{"type": "error", "code": ..., "msg": ...}`; the connection stays open):
     400 BAD_FRAME   not JSON, not an object, or a binary frame
+    401 UNAUTHORIZED subscribe before any valid token, or an `auth` op whose token is not
+                    valid (the socket keeps its previous token, if any)
+    403 FORBIDDEN   subscribe to tasks the token does not name (listed in `task_ids`); the
+                    others subscribe
     404 NOT_FOUND   subscribe to unknown tasks (listed in `task_ids`); the others subscribe.
                     Also a subscribed task whose record vanished (it is unsubscribed)
-    405 UNKNOWN_OP  `op` is not subscribe, unsubscribe or ping
+    405 UNKNOWN_OP  `op` is not subscribe, unsubscribe, auth or ping
     422 INVALID     `task_ids` missing, empty, or not non-negative int64s (pydantic-style `detail`)
     500 INTERNAL    subscribe to tasks whose record breaks the contract (listed in `task_ids`)
 """
@@ -42,6 +51,8 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
     TASK_NOT_FOUND = 4404
     TOO_MANY_SUBSCRIPTIONS = 4413
     INVALID_TASK_ID = 4422
@@ -52,6 +63,8 @@ class ErrorCode(IntEnum):
     """The `code` of an error frame; meanings in the module docstring."""
 
     BAD_FRAME = 400
+    UNAUTHORIZED = 401
+    FORBIDDEN = 403
     NOT_FOUND = 404
     UNKNOWN_OP = 405
     INVALID = 422

@@ -22,15 +22,16 @@ async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:  # pragma
 
 
 class CorsPolicy:
-    """The CORS rules: GET from the listed origins, with Last-Event-ID and If-None-Match
-    allowed in and ETag exposed; the same options for the middleware and the streams."""
+    """The CORS rules: GET from the listed origins, with Authorization, Last-Event-ID and
+    If-None-Match allowed in and ETag and WWW-Authenticate exposed; the same options for the
+    middleware and the streams."""
 
     def __init__(self, origins: list[str]) -> None:
         self.options: dict[str, Any] = {
             "allow_origins": origins,
             "allow_methods": ["GET"],
-            "allow_headers": ["Last-Event-ID", "If-None-Match", "Cache-Control"],
-            "expose_headers": ["ETag"],
+            "allow_headers": ["Authorization", "Last-Event-ID", "If-None-Match", "Cache-Control"],
+            "expose_headers": ["ETag", "WWW-Authenticate"],
             "max_age": 600,
         }
         self._middleware = CORSMiddleware(_no_app, **self.options)

@@ -47,6 +47,7 @@ from typing import ClassVar
 
 from prometheus_client import Gauge
 
+from taskcast.access import Gate
 from taskcast.hub import Hub, TaskState, Watcher
 from taskcast.metrics import Metrics
 from taskcast.models import Task
@@ -64,6 +65,7 @@ class End(enum.Enum):
     MISSING = "a watched task vanished"
     SHUTDOWN = "the server is shutting down"
     CLOSED = "closed by the gateway"  # a WebSocket close code chosen by ws.py
+    TOKEN_EXPIRED = "the access token expired"  # or, on /ws, none was given in time
     CLIENT_LEFT = "the client left"
     TOO_SLOW = "the client stopped reading"
 
@@ -93,7 +95,7 @@ class Session:
                  "ends_when_done", "end",
                  "end_detail", "sending_since", "active", "_delivered", "_control", "_unsent",
                  "_started", "_done",
-                 "_sending", "_waiter", "_pump", "_flush_scheduled", "_released")
+                 "_sending", "_waiter", "_pump", "_flush_scheduled", "_released", "_deadline")
 
     def __init__(self, conns: Connections, *, ends_when_done: bool) -> None:
         self.conns = conns
@@ -116,6 +118,7 @@ class Session:
         self._pump: asyncio.Task[None] | None = None  # a pump task of our own (WS)
         self._flush_scheduled = False
         self._released = False
+        self._deadline: asyncio.TimerHandle | None = None  # see expire_at
         conns.add(self)
 
     # -- what to follow -------------------------------------------------------------------------
@@ -198,6 +201,30 @@ class Session:
             self._cancel_stuck_writer()
         self._wake(start=False)
         logger.info("dropped a %s client that stopped reading", self.transport)
+
+    def expire_at(self, unix_time: float, detail: object = None,
+                  reason: str = "expired_in_use") -> None:
+        """End the session as TOKEN_EXPIRED (with `detail`) at `unix_time`, unless this is
+        called again first (a refreshed token) or cancel_expiry() is; counted in the
+        auth refusals as `reason`. One timer of the event loop, none per delivery."""
+        self.cancel_expiry()
+        if self._released or self.end is not None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, unix_time - time.time())
+        self._deadline = loop.call_at(loop.time() + delay, self._expired, detail, reason)
+
+    def cancel_expiry(self) -> None:
+        """Forget the time set by expire_at()."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, detail: object, reason: str) -> None:
+        self._deadline = None
+        if self.end is None and not self._released:
+            self.conns.metrics.auth_refusals.labels(self.transport, reason).inc()
+            self.finish(End.TOKEN_EXPIRED, detail)
 
     # -- the machinery --------------------------------------------------------------------------
 
@@ -367,6 +394,7 @@ class Session:
         if self._released:
             return
         self._released = True
+        self.cancel_expiry()
         self._stop_following()
         self.conns.discard(self)
         waiter = self._waiter
@@ -520,10 +548,12 @@ class Connections:
     ends one whose client the server reports gone. shutdown() ends every session, once.
     """
 
-    def __init__(self, hub: Hub, metrics: Metrics, settings: Settings) -> None:
+    def __init__(self, hub: Hub, metrics: Metrics, settings: Settings,
+                 gate: Gate | None = None) -> None:
         self.hub = hub
         self.metrics = metrics
         self.settings = settings
+        self.gate = gate  # access control (access.py); None: every task is open
         self.closer = DeferredCloser()
         self.shutting_down = False
         self._gauges: dict[str, Gauge] = {}  # open connections per transport

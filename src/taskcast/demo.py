@@ -13,6 +13,7 @@ import binascii
 import logging
 import random
 import struct
+import time
 import zlib
 from typing import Any
 
@@ -21,16 +22,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from taskcast.access import http_forbidden, http_grant
 from taskcast.errors import InvalidParameter, TaskcastError
 from taskcast.ids import parse_task_id
 from taskcast.producer import Producer
 from taskcast.responses import JSONBody, envelope, not_found, validation_error
+from taskcast.settings import Settings
 from taskcast.static import static_file
 from taskcast.store import TaskStore
+from taskcast.tokens import issue
 
 logger = logging.getLogger(__name__)
 
 MAX_TASKS_PER_REQUEST = 20
+MAX_TOKEN_TTL_S = 86_400
 SIMULATED_FAILURE = "simulated failure: the GPU ran out of memory"
 
 
@@ -60,6 +65,7 @@ class SimulatedWorker:
         self.producer = producer
         self.step_s = step_s
         self._jobs: set[asyncio.Task[None]] = set()
+        self.created: set[int] = set()  # the tasks this demo made: the only ones it signs for
 
     async def start_tasks(self, count: int, type: str, angle: str, fail: bool) -> list[int]:
         """Create `count` tasks, one after another, and start a job for each; returns their
@@ -69,6 +75,7 @@ class SimulatedWorker:
         for _ in range(count):
             task = await self.producer.create(type=type, angle=angle)
             ids.append(task.task_id)
+            self.created.add(task.task_id)
             job = asyncio.create_task(self._run(task.task_id, fail))
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
@@ -100,8 +107,9 @@ class SimulatedWorker:
 
 
 async def start_tasks(request: Request) -> Response:
-    """`POST /demo/tasks` with `{"count", "type", "angle", "fail"}` (all optional): 201 with
-    the new ids, 400 for a body that is not a JSON object, 422 for a bad field."""
+    """`POST /demo/tasks` with `{"count", "type", "angle", "fail", "token_ttl_s"}` (all
+    optional): 201 with the new ids and a token for them (`token`, `exp`; null with access
+    control off), 400 for a body that is not a JSON object, 422 for a bad field."""
     worker: SimulatedWorker = request.app.state.demo_worker
     try:
         body: Any = orjson.loads(await request.body() or b"{}")
@@ -120,17 +128,79 @@ async def start_tasks(request: Request) -> Response:
         return validation_error([{"type": "type_error", "loc": ["body"],
                                   "msg": "type and angle must be strings, fail a boolean",
                                   "input": body}])
+    ttl = _ttl(body.get("token_ttl_s"), request)
+    if ttl is None:
+        return _bad_ttl(body.get("token_ttl_s"), "token_ttl_s")
     ids = await worker.start_tasks(count, type_[:64], angle[:64], fail)
-    return JSONBody({"code": 201, "msg": "created", "data": {"task_ids": ids}}, status_code=201)
+    return JSONBody({"code": 201, "msg": "created",
+                     "data": {"task_ids": ids, **_token_for(request, ids, ttl)}},
+                    status_code=201)
+
+
+async def issue_token(request: Request) -> Response:
+    """`POST /demo/tokens` with `{"task_ids": [...], "ttl_s": N}`: a fresh token for tasks this
+    demo created (the refresh a real generation service offers its users), 403 for others."""
+    worker: SimulatedWorker = request.app.state.demo_worker
+    try:
+        body: Any = orjson.loads(await request.body() or b"{}")
+    except orjson.JSONDecodeError:
+        return envelope(400, "body must be JSON")
+    if not isinstance(body, dict):
+        return envelope(400, "body must be a JSON object")
+    raw_ids = body.get("task_ids")
+    if (not isinstance(raw_ids, list) or not raw_ids or len(raw_ids) > 1000
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw_ids)):
+        return validation_error([{"type": "list_type", "loc": ["body", "task_ids"],
+                                  "msg": "task_ids must be a list of 1..1000 task ids",
+                                  "input": raw_ids}])
+    ttl = _ttl(body.get("ttl_s"), request)
+    if ttl is None:
+        return _bad_ttl(body.get("ttl_s"), "ttl_s")
+    if not set(raw_ids) <= worker.created:
+        return envelope(403, "forbidden: the demo signs only for tasks it created")
+    return JSONBody({"code": 200, "msg": "success", "data": _token_for(request, raw_ids, ttl)})
+
+
+def _ttl(value: object, request: Request) -> float | None:
+    if value is None:
+        return float(request.app.state.settings.demo_token_ttl_s)
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not 1 <= value <= MAX_TOKEN_TTL_S):
+        return None
+    return float(value)
+
+
+def _bad_ttl(value: object, name: str) -> Response:
+    return validation_error([{"type": "float_range", "loc": ["body", name],
+                              "msg": f"{name} must be 1..{MAX_TOKEN_TTL_S} seconds",
+                              "input": value}])
+
+
+def _token_for(request: Request, task_ids: list[int], ttl_s: float) -> dict[str, Any]:
+    """`token` (null when access control is off) and its `exp`, for the demo page."""
+    settings: Settings = request.app.state.settings
+    if request.app.state.gate is None or not settings.jwt_secret:
+        return {"token": None, "exp": None}
+    token = issue(settings.jwt_secret, task_ids, ttl_s, audience=settings.jwt_audience or None,
+                  issuer=settings.jwt_issuer or None)
+    return {"token": token, "exp": int(time.time() + ttl_s)}
 
 
 async def task_image(request: Request) -> Response:
-    """The PNG of a completed task, decoded from its record's image_base64."""
+    """The PNG of a completed task, decoded from its record's image_base64; it reads a task,
+    so it needs a token for it like REST (`?token=` for an <img>)."""
     store: TaskStore = request.app.state.store
+    gate = request.app.state.gate
+    grant = http_grant(gate, request.scope, "rest")
+    if isinstance(grant, Response):
+        return grant
     try:
         task_id = parse_task_id(request.path_params["task_id"])
     except InvalidParameter as exc:
         return validation_error([exc.detail])
+    refusal = http_forbidden(gate, grant, [task_id], "rest")
+    if refusal is not None:
+        return refusal
     task = await store.get(task_id)
     if task is None or not task.image_base64:
         return not_found("image not found")
@@ -152,5 +222,6 @@ def demo_routes() -> list[BaseRoute]:
     return [
         Route("/", demo_page, methods=["GET"]),
         Route("/demo/tasks", start_tasks, methods=["POST"]),
+        Route("/demo/tokens", issue_token, methods=["POST"]),
         Route("/demo/images/{task_id}.png", task_image, methods=["GET"]),
     ]

@@ -28,10 +28,10 @@ def parse_task_id(raw: str, loc: tuple[str | int, ...] = ("path", "task_id")) ->
                 "input": raw,
             },
         )
-    value = int(raw)
-    if value > INT64_MAX:
+    # int() refuses more than 4300 digits (ValueError); an int64 has at most 19 after zeros.
+    if len(raw.lstrip("0")) > 19 or int(raw) > INT64_MAX:
         raise InvalidTaskId(raw, _bound_error(raw, loc, "less_than_equal", "le", INT64_MAX))
-    return value
+    return int(raw)
 
 
 def parse_task_id_value(value: object, loc: tuple[str | int, ...]) -> int:

@@ -75,6 +75,11 @@ class Metrics:
             "Direct writes the server did not take as the adapter expects (then ASGI is used)",
             ["feature"], registry=r,
         )
+        self.auth_refusals = Counter(
+            "taskcast_auth_refusals",
+            "Requests and connections refused or ended by access control (contract 7)",
+            ["transport", "reason"], registry=r,
+        )
         self.redis_reconnects = Counter(
             "taskcast_redis_reconnects", "Pub/sub connections re-established", registry=r
         )

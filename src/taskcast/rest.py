@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
+from taskcast.access import http_forbidden, http_grant
 from taskcast.errors import InvalidParameter
 from taskcast.ids import parse_task_id
 from taskcast.responses import JSON, not_found, task_body, validation_error
@@ -47,13 +48,22 @@ def _matches(if_none_match: str, etag: str) -> bool:
 async def get_task(request: Request) -> Response:
     """`GET /tasks/{task_id}`: 200 with the task and its ETag, 304 when If-None-Match has
     that ETag, 404, or 422 for a malformed id or flag. StoreUnavailable and CorruptRecord
-    propagate to the app's handlers (500); a corrupt record is never a 304."""
-    store: TaskStore = request.app.state.store
+    propagate to the app's handlers (500); a corrupt record is never a 304. With access
+    control on: 401 without a valid token, then 422, then 403 for an id the token does not
+    name, all before Redis is read."""
+    state = request.app.state
+    store: TaskStore = state.store
+    grant = http_grant(state.gate, request.scope, "rest")
+    if isinstance(grant, Response):
+        return grant
     try:
         task_id = parse_task_id(request.path_params.get("task_id", ""))
         include = image_base64_flag(request)
     except InvalidParameter as exc:
         return validation_error([exc.detail])
+    refusal = http_forbidden(state.gate, grant, [task_id], "rest")
+    if refusal is not None:
+        return refusal
 
     if_none_match = request.headers.get("if-none-match")
     task = None

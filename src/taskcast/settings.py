@@ -82,8 +82,35 @@ class Settings:
         default="", metadata={"help": "comma-separated Origins allowed by CORS ('*' = any; "
                               "empty = CORS off)"}
     )
+    auth: str = field(
+        default="on", metadata={"help": "on: with a key set, every task read needs a token "
+                                "(without one, only a loopback address is served); off: "
+                                "no tokens, anyone who reaches the gateway reads every task"}
+    )
+    # Read from the environment only: a secret on the command line shows in `ps`.
+    jwt_secret: str = field(
+        default="", repr=False,
+        metadata={"help": "HS256/HS384/HS512 secret, at least 32 bytes", "secret": True},
+    )
+    jwt_public_key_file: str = field(
+        default="", metadata={"help": "PEM public key for RS256/384/512, ES256/384 or EdDSA"}
+    )
+    jwt_audience: str = field(
+        default="", metadata={"help": "when set, a token's aud must include it"}
+    )
+    jwt_issuer: str = field(default="", metadata={"help": "when set, a token's iss must be it"})
+    jwt_leeway_s: float = field(
+        default=5.0, metadata={"help": "clock skew allowed on exp/nbf/iat, 0..30 seconds"}
+    )
+    ws_auth_timeout_s: float = field(
+        default=10.0, metadata={"help": "a /ws socket with no valid token this long is closed "
+                                "with 4401"}
+    )
     demo_step_s: float = field(
         default=0.4, metadata={"help": "taskcast demo: seconds between simulated progress steps"}
+    )
+    demo_token_ttl_s: int = field(
+        default=600, metadata={"help": "taskcast demo: lifetime of the tokens it hands out"}
     )
     graceful_shutdown_s: int = field(
         default=5, metadata={"help": "seconds open connections get to end on shutdown"}

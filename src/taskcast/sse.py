@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from taskcast import server
+from taskcast.access import http_forbidden, http_grant
 from taskcast.cors import CorsPolicy
 from taskcast.delivery import Connections, End, Item, Session
 from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
@@ -39,6 +40,8 @@ KEEPALIVE = ServerSentEvent(comment="keep-alive", sep="\n").encode()
 # The id of the closing event of a multi-task stream: a reconnect that carries it gets 204.
 STREAM_DONE_ID = "done"
 STREAM_END = ServerSentEvent(data="{}", event="end", id=STREAM_DONE_ID, sep="\n").encode()
+# The token's time is up (contract 7): the client reconnects with a fresh one.
+TOKEN_EXPIRED = ServerSentEvent(data="{}", event="token_expired", sep="\n").encode()
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -109,6 +112,8 @@ class SseSession(Session):
         body = b"".join([self._payload(item) for item in items])
         if self.end is End.DONE and self._multi:
             body += STREAM_END
+        elif self.end is End.TOKEN_EXPIRED:
+            body += TOKEN_EXPIRED
         elif self.end is End.MISSING:
             # The record vanished (expired, or never existed while Redis was down at connect
             # time). The reconnect gets the 404 that stops EventSource.
@@ -171,8 +176,10 @@ class EventStream:
     """The ASGI response of one SSE connection."""
 
     def __init__(self, conns: Connections, task_ids: list[int], current: list[Task | None],
-                 include: bool, multi: bool, last_seen: int = 0) -> None:
+                 include: bool, multi: bool, last_seen: int = 0,
+                 expires_at: float | None = None) -> None:
         self.conns = conns
+        self.expires_at = expires_at  # the token's expiry (Unix seconds): the stream ends then
         self.task_ids = task_ids
         self.current = current
         self.include = include
@@ -200,6 +207,8 @@ class EventStream:
             else:
                 listener = asyncio.get_running_loop().create_task(
                     _until_disconnect(receive, session))
+            if self.expires_at is not None:
+                session.expire_at(self.expires_at)
             # The retry hint goes out with the first state, in one write.
             session.send_control(b"retry: %d\n\n" % self.conns.settings.sse_retry_ms,
                                  now=False)
@@ -227,13 +236,21 @@ def _last_event_id(request: Request) -> int:
 
 
 async def task_events(request: Request) -> Response:
-    """`GET /tasks/{task_id}/events`: one task's states, then the end of the stream."""
-    conns: Connections = request.app.state.connections
+    """`GET /tasks/{task_id}/events`: one task's states, then the end of the stream. Access
+    control as for REST (401, 422, 403, all before Redis is read)."""
+    state = request.app.state
+    conns: Connections = state.connections
+    grant = http_grant(state.gate, request.scope, "sse")
+    if isinstance(grant, Response):
+        return grant
     try:
         task_id = parse_task_id(request.path_params["task_id"])
         include = image_base64_flag(request)
     except InvalidParameter as exc:
         return validation_error([exc.detail])
+    refusal = http_forbidden(state.gate, grant, [task_id], "sse")
+    if refusal is not None:
+        return refusal
     last_seen = _last_event_id(request)
     try:
         task = await conns.hub.lookup(task_id)
@@ -246,14 +263,20 @@ async def task_events(request: Request) -> Response:
     if task is not None and task.is_terminal and last_seen >= task.version:
         return Response(status_code=204)
     return EventStream(conns, [task_id], [task], include,  # type: ignore[return-value]
-                       multi=False, last_seen=last_seen)
+                       multi=False, last_seen=last_seen,
+                       expires_at=grant.expires_at if grant is not None else None)
 
 
 async def many_task_events(request: Request) -> Response:
     """`GET /events?task_id=1&task_id=2`: many tasks on one connection (browsers allow six
-    HTTP/1.1 connections per origin). Ends with `event: end` (id `done`) once all are finished."""
-    conns: Connections = request.app.state.connections
+    HTTP/1.1 connections per origin). Ends with `event: end` (id `done`) once all are finished.
+    Access control: 401, then 422, then 403 unless the token names every id."""
+    state = request.app.state
+    conns: Connections = state.connections
     settings = conns.settings
+    grant = http_grant(state.gate, request.scope, "sse")
+    if isinstance(grant, Response):
+        return grant
     raw_ids = [part for value in request.query_params.getlist("task_id")
                for part in value.split(",")]
     try:
@@ -271,6 +294,9 @@ async def many_task_events(request: Request) -> Response:
                 "input": len(task_ids), "ctx": {"max_length": settings.max_tasks_per_stream}})
     except InvalidParameter as exc:
         return validation_error([exc.detail])
+    refusal = http_forbidden(state.gate, grant, task_ids, "sse")
+    if refusal is not None:
+        return refusal
     if request.headers.get("last-event-id") == STREAM_DONE_ID:
         return Response(status_code=204)
     found: list[Task | None] = [None] * len(task_ids)
@@ -283,7 +309,8 @@ async def many_task_events(request: Request) -> Response:
         if result is None:
             return not_found()
         found[index] = result
-    return EventStream(conns, task_ids, found, include, multi=True)  # type: ignore[return-value]
+    return EventStream(conns, task_ids, found, include,  # type: ignore[return-value]
+                       multi=True, expires_at=grant.expires_at if grant is not None else None)
 
 
 async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[str, str]

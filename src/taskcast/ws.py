@@ -27,6 +27,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
 from taskcast import server
+from taskcast.access import Gate, token_of
 from taskcast.close_codes import CloseCode, ErrorCode
 from taskcast.delivery import Connections, End, Item, Session
 from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
@@ -35,6 +36,7 @@ from taskcast.ids import parse_task_id, parse_task_id_value
 from taskcast.models import Task
 from taskcast.rest import image_base64_flag
 from taskcast.settings import Settings
+from taskcast.tokens import Grant, TokenRefused
 from taskcast.websocket_protocol import WebSocketConnection, text_frame
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,8 @@ FRAME = {include: partial(task_frame, MESSAGE[include]) for include in (True, Fa
 TEXT = {include: partial(task_text, MESSAGE[include]) for include in (True, False)}
 _CLOSES = {End.DONE: (CloseCode.NORMAL, "task finished"),
            End.MISSING: (CloseCode.TASK_NOT_FOUND, "task not found"),
-           End.SHUTDOWN: (CloseCode.SERVICE_RESTART, "server shutting down")}
+           End.SHUTDOWN: (CloseCode.SERVICE_RESTART, "server shutting down"),
+           End.TOKEN_EXPIRED: (CloseCode.UNAUTHORIZED, "token expired")}
 
 
 class TokenBucket:
@@ -99,7 +102,7 @@ class WsSession(Session):
 
     transport = "ws"
 
-    __slots__ = ("_asgi_send", "_link", "per_task", "_frame", "_text")
+    __slots__ = ("_asgi_send", "_link", "per_task", "_frame", "_text", "grant")
 
     def __init__(self, conns: Connections, include_image_base64: bool, send: Send,
                  link: WebSocketConnection | None, per_task: bool) -> None:
@@ -108,6 +111,17 @@ class WsSession(Session):
         self._link = link
         self.per_task = per_task  # one task, task frames only, closed after its end
         self._frame, self._text = FRAME[include_image_base64], TEXT[include_image_base64]
+        self.grant: Grant | None = None  # the token's, with access control on
+
+    def authorize(self, grant: Grant) -> None:
+        """Take a (new) token: the socket ends when it expires, and subscriptions it does not
+        name end (an `unsubscribed` frame lists them)."""
+        self.grant = grant
+        self.expire_at(grant.expires_at)
+        dropped = grant.uncovered(sorted(self.watching))
+        if dropped:
+            self.unwatch(dropped)
+            self.reply({"type": "unsubscribed", "task_ids": dropped})
 
     def reply(self, frame: dict[str, Any]) -> None:
         """Queue a server frame behind what is queued (see Session.send_control). Raises
@@ -149,6 +163,8 @@ class WsSession(Session):
     def _close_code(self) -> tuple[int, str]:
         if self.end is End.CLOSED and isinstance(self.end_detail, tuple):
             return int(self.end_detail[0]), str(self.end_detail[1])
+        if self.end is End.TOKEN_EXPIRED and isinstance(self.end_detail, str):
+            return int(CloseCode.UNAUTHORIZED), self.end_detail
         code, reason = _CLOSES.get(self.end or End.DONE, (CloseCode.NORMAL, ""))
         return int(code), reason
 
@@ -215,8 +231,12 @@ async def _handle_frame(session: WsSession, message: MutableMapping[str, Any]) -
     if op == "ping":
         session.reply({"type": "pong"})
         return
+    if op == "auth":
+        _authenticate(session, frame.get("token"))
+        return
     if op not in ("subscribe", "unsubscribe"):
-        session.error(ErrorCode.UNKNOWN_OP, "op must be subscribe, unsubscribe or ping", op=op)
+        session.error(ErrorCode.UNKNOWN_OP, "op must be subscribe, unsubscribe, auth or ping",
+                      op=op)
         return
     raw_ids = frame.get("task_ids")
     if not isinstance(raw_ids, list) or not raw_ids:
@@ -249,7 +269,38 @@ async def _handle_frame(session: WsSession, message: MutableMapping[str, Any]) -
         session.reply({"type": "unsubscribed", "task_ids": list(dict.fromkeys(task_ids))})
 
 
+def _authenticate(session: WsSession, token: object) -> None:
+    """The `auth` op: a valid token replaces the socket's (refresh); an invalid one gets an
+    error frame and changes nothing. With access control off there is nothing to check."""
+    gate: Gate | None = session.conns.gate
+    if gate is None:
+        session.reply({"type": "authenticated", "exp": None})
+        return
+    try:
+        grant = gate.verify(token, "ws")
+    except TokenRefused as refusal:
+        session.error(ErrorCode.UNAUTHORIZED, f"unauthorized: {refusal.description}")
+        return
+    session.reply({"type": "authenticated", "exp": grant.exp})
+    session.authorize(grant)
+
+
 async def _subscribe(session: WsSession, task_ids: list[int]) -> None:
+    gate: Gate | None = session.conns.gate
+    if gate is not None:
+        if session.grant is None:
+            gate.refused("ws", "missing")
+            session.error(ErrorCode.UNAUTHORIZED,
+                          "unauthorized: send {\"op\":\"auth\",\"token\":...} first",
+                          task_ids=list(dict.fromkeys(task_ids)))
+            return
+        forbidden = session.grant.uncovered(task_ids)
+        if forbidden:
+            gate.refused("ws", "forbidden")
+            session.error(ErrorCode.FORBIDDEN, "forbidden", task_ids=forbidden)
+            task_ids = [task_id for task_id in task_ids if task_id not in set(forbidden)]
+            if not task_ids:
+                return
     limit = session.conns.settings.ws_max_subscriptions
     new = [task_id for task_id in dict.fromkeys(task_ids) if task_id not in session.watching]
     if len(session.watching) + len(new) > limit:
@@ -297,6 +348,13 @@ async def _read_frames(session: WsSession, receive: Receive) -> None:
             session.close(exc.code, exc.reason)
 
 
+def _presents_token(scope: Scope) -> bool:
+    try:
+        return token_of(scope) is not None
+    except TokenRefused:
+        return True  # an ambiguous one: authenticate() refuses it, and counts that
+
+
 async def _refuse(send: Send, code: CloseCode, reason: str) -> None:
     """Accept, then close with a code: browsers hide the HTTP status of a refused upgrade."""
     await send({"type": "websocket.accept"})
@@ -316,11 +374,25 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
         await send({"type": "websocket.close", "code": int(CloseCode.POLICY_VIOLATION)})
         return  # before accept: HTTP 403
     per_task = "task_id" in path_params
+    gate = conns.gate
+    grant: Grant | None = None
+    if gate is not None:
+        try:
+            # /ws may also get its token later, in an `auth` frame.
+            if per_task or _presents_token(scope):
+                grant = gate.authenticate(scope, "ws")
+        except TokenRefused as refusal:
+            await _refuse(send, CloseCode.UNAUTHORIZED, f"unauthorized: {refusal.description}")
+            return
     try:
         task_id = parse_task_id(path_params["task_id"]) if per_task else 0
         include = image_base64_flag(HTTPConnection(scope)) if scope["query_string"] else True
     except InvalidParameter as exc:
         await _refuse(send, CloseCode.INVALID_TASK_ID, str(exc)[:120])
+        return
+    if per_task and gate is not None and grant is not None and not grant.covers(task_id):
+        gate.refused("ws", "forbidden")
+        await _refuse(send, CloseCode.FORBIDDEN, "forbidden")
         return
     current: Task | None = None
     if per_task:
@@ -343,6 +415,11 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
         link.defer_to(conns.closer.add, conns.closer.later)
     await send({"type": "websocket.accept"})
     session = WsSession(conns, include, send, link, per_task)
+    if grant is not None:
+        session.authorize(grant)
+    elif gate is not None:
+        session.expire_at(time.time() + conns.settings.ws_auth_timeout_s,
+                          "no valid token in time", reason="no_token_in_time")
     try:
         if per_task:
             session.watch([(task_id, current)])
