@@ -14,6 +14,12 @@ examples/python_worker.py):
     .venv/bin/python examples/sse_client.py 42
     .venv/bin/python examples/sse_client.py --url http://127.0.0.1:8000 42 43 44
     .venv/bin/python examples/sse_client.py --no-image-base64 --timeout 60 42
+    export TASKCAST_TOKEN=$(.venv/bin/taskcast token issue --task 42 --ttl 600)
+    .venv/bin/python examples/sse_client.py 42
+
+With access control on, the token (`--token` or TASKCAST_TOKEN) goes in the Authorization
+header; a 401/403, or `event: token_expired` at the end of the token's life, ends the client
+with status 1 (a real client would get a fresh token and reconnect).
 
 Needs httpx (`pip install httpx`; the .venv has it through the test extras). Exit status: 0
 when all tasks are finished (completed or failed), 1 when a task does not exist (or another 4xx
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 from collections.abc import AsyncIterator
@@ -85,8 +92,9 @@ def describe(task: dict[str, Any]) -> str:
 
 class Follower:
     def __init__(self, base_url: str, task_ids: list[int], include_image_base64: bool,
-                 read_timeout_s: float) -> None:
+                 read_timeout_s: float, token: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        self.token = token
         self.task_ids = list(dict.fromkeys(task_ids))
         self.include = include_image_base64
         self.read_timeout_s = read_timeout_s
@@ -133,6 +141,8 @@ class Follower:
         """One connection, until the server ends the stream (or it breaks: an exception)."""
         url, params = self.request()
         headers = {"Accept": "text/event-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if self.last_event_id is not None:
             headers["Last-Event-ID"] = self.last_event_id
         async with client.stream("GET", url, params=params, headers=headers) as response:
@@ -157,6 +167,8 @@ class Follower:
                     self.last_event_id = None  # so the reconnect is answered with the 404
                 elif event.event == "end":  # many-task stream: all finished
                     self.finished.update(self.task_ids)
+                elif event.event == "token_expired":
+                    raise Refused("the token expired: issue a fresh one and run again")
 
     def on_task(self, task: dict[str, Any]) -> None:
         task_id, version = int(task["task_id"]), int(task["version"])
@@ -169,7 +181,8 @@ class Follower:
 
 
 async def follow(args: argparse.Namespace) -> int:
-    follower = Follower(args.url, args.task_ids, not args.no_image_base64, args.read_timeout_s)
+    follower = Follower(args.url, args.task_ids, not args.no_image_base64, args.read_timeout_s,
+                        args.token)
     try:
         async with asyncio.timeout(args.timeout or None):
             await follower.run()
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reconnect when nothing (not even a keep-alive) came this long")
     parser.add_argument("--timeout", type=float, default=0.0,
                         help="give up after this many seconds (default: never)")
+    parser.add_argument("--token", default=os.environ.get("TASKCAST_TOKEN", ""),
+                        help="access token (default: $TASKCAST_TOKEN)")
     args = parser.parse_args(argv)
     if any(task_id < 0 for task_id in args.task_ids):
         parser.error("task ids are non-negative integers")

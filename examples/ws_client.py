@@ -14,6 +14,13 @@ examples/python_worker.py):
     .venv/bin/python examples/ws_client.py 42
     .venv/bin/python examples/ws_client.py --url http://127.0.0.1:8000 42 43 44
     .venv/bin/python examples/ws_client.py --no-image-base64 --timeout 60 42
+    export TASKCAST_TOKEN=$(.venv/bin/taskcast token issue --task 42 --ttl 600)
+    .venv/bin/python examples/ws_client.py 42
+
+With access control on, the token (`--token` or TASKCAST_TOKEN) is sent in an
+`{"op":"auth","token":...}` frame before subscribing (it could also ride on the upgrade as an
+Authorization header). Its expiry closes the socket with 4401, which ends this client with
+status 1; a real client would send a fresh token in another `auth` frame before that.
 
 Needs only `websockets` (a dependency of taskcast). Exit status: 0 when all tasks are finished
 (completed or failed), 1 when a task does not exist or the gateway refused the client, 2 when
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 from typing import Any
@@ -64,8 +72,9 @@ def describe(task: dict[str, Any]) -> str:
 
 
 class Follower:
-    def __init__(self, url: str, task_ids: list[int]) -> None:
+    def __init__(self, url: str, task_ids: list[int], token: str = "") -> None:
         self.url = url
+        self.token = token
         self.task_ids = list(dict.fromkeys(task_ids))
         self.versions: dict[int, int] = {}
         self.finished: set[int] = set()
@@ -106,12 +115,16 @@ class Follower:
 
     async def session(self, ws: ClientConnection) -> None:
         """Subscribe to what is unfinished and read until it is all finished."""
+        if self.token:
+            await ws.send(json.dumps({"op": "auth", "token": self.token}))
         await ws.send(json.dumps({"op": "subscribe", "task_ids": self.unfinished}))
         while self.unfinished:
             frame: dict[str, Any] = json.loads(await ws.recv())
             kind = frame.get("type")
             if kind == "task":
                 self.on_task(frame["data"])
+            elif kind == "authenticated":
+                print(f"authenticated until {frame['exp']}", flush=True)
             elif kind == "subscribed":
                 print(f"subscribed to {frame['task_ids']}", flush=True)
             elif kind == "error" and frame.get("code") == 404:
@@ -133,7 +146,7 @@ class Follower:
 
 async def follow(args: argparse.Namespace) -> int:
     url = websocket_url(args.url, not args.no_image_base64)
-    follower = Follower(url, args.task_ids)
+    follower = Follower(url, args.task_ids, args.token)
     try:
         async with asyncio.timeout(args.timeout or None):
             await follower.run()
@@ -160,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave the image's base64 out of the task frames")
     parser.add_argument("--timeout", type=float, default=0.0,
                         help="give up after this many seconds (default: never)")
+    parser.add_argument("--token", default=os.environ.get("TASKCAST_TOKEN", ""),
+                        help="access token (default: $TASKCAST_TOKEN)")
     args = parser.parse_args(argv)
     if any(task_id < 0 for task_id in args.task_ids):
         parser.error("task ids are non-negative integers")

@@ -30,6 +30,15 @@ its documented shapes:
 * `?image_base64=false` returns `image.image_base64` as `""` (and the ETag
   `"<version>-no-image-base64"`), so pollers need not download a multi-megabyte image
   until they want it; a value that is not a boolean is a 422.
+
+Access control (when the gateway has a key; see the README): every task read, this endpoint
+included, needs a JWT whose `tasks` claim names the task (or is `"*"`), given as
+`Authorization: Bearer <token>` or as the query parameter `token`. No token, or one that is
+malformed, badly signed, expired or not yet valid: 401
+`{"code":401,"msg":"unauthorized","data":null}` with `WWW-Authenticate: Bearer ...`. A valid
+token that does not name every requested task: 403 `{"code":403,"msg":"forbidden","data":null}`,
+decided before the store is read. `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and
+`/taskcast.js` stay public.
 """
 
 ENVELOPE = {
@@ -49,6 +58,14 @@ TASK_ID = {"name": "task_id", "in": "path", "required": True,
 IMAGE_FLAG = {"name": "image_base64", "in": "query", "required": False,
               "description": "false leaves image.image_base64 empty in every event",
               "schema": {"type": "boolean", "default": True}}
+TOKEN = {"name": "token", "in": "query", "required": False,
+         "description": "access token, for clients that cannot set the Authorization header "
+                        "(EventSource, browser WebSockets); the header wins when both are given",
+         "schema": {"type": "string", "maxLength": 8192}}
+AUTH_RESPONSES = {
+    "401": _json("access control: no valid token"),
+    "403": _json("access control: the token does not name the task(s)"),
+}
 LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
                  "description": "sent by EventSource on reconnect: the last version it got",
                  "schema": {"type": "string"}}
@@ -64,11 +81,14 @@ EXTRA_PATHS: dict[str, Any] = {
     "/tasks/{task_id}/events": {
         "get": {
             "summary": "Server-Sent Events of one task",
-            "parameters": [TASK_ID, IMAGE_FLAG, LAST_EVENT_ID],
+            "description": "With access control on, the stream ends with `event: token_expired` "
+                           "(data `{}`) when the token expires; reconnect with a fresh one.",
+            "parameters": [TASK_ID, IMAGE_FLAG, LAST_EVENT_ID, TOKEN],
             "responses": {
                 "200": {"description": "event stream", "content": SSE_BODY},
                 "204": {"description": "Last-Event-ID is the terminal version: nothing more "
                         "will come (EventSource stops reconnecting)"},
+                **AUTH_RESPONSES,
                 "404": _json("task not found"),
                 "422": {"description": "malformed task id or flag"},
             },
@@ -78,17 +98,20 @@ EXTRA_PATHS: dict[str, Any] = {
         "get": {
             "summary": "Server-Sent Events of many tasks on one connection",
             "description": "Ends with `event: end`, `id: done` once every task is finished; "
-                           "a reconnect with `Last-Event-ID: done` gets 204.",
+                           "a reconnect with `Last-Event-ID: done` gets 204. With access "
+                           "control on, the token must name every task (else 403), and the "
+                           "stream ends with `event: token_expired` when it expires.",
             "parameters": [
                 {"name": "task_id", "in": "query", "required": True,
                  "description": "repeat it, or separate ids with commas",
                  "style": "form", "explode": True,
                  "schema": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
-                IMAGE_FLAG, LAST_EVENT_ID,
+                IMAGE_FLAG, LAST_EVENT_ID, TOKEN,
             ],
             "responses": {
                 "200": {"description": "event stream", "content": SSE_BODY},
                 "204": {"description": "the stream already ended (Last-Event-ID: done)"},
+                **AUTH_RESPONSES,
                 "404": _json("one of the tasks does not exist"),
                 "422": {"description": "missing, malformed or too many task ids"},
             },
@@ -99,14 +122,18 @@ EXTRA_PATHS: dict[str, Any] = {
             "summary": "WebSocket: many tasks on one socket (upgrade)",
             "description": (
                 "Client frames (JSON text): `{\"op\":\"subscribe\",\"task_ids\":[1,2]}`, "
-                "`{\"op\":\"unsubscribe\",\"task_ids\":[1]}`, `{\"op\":\"ping\"}`. Server "
-                "frames: `task` (with `data`), `subscribed`, `unsubscribed`, `pong`, `error` "
-                "(`code` 400 bad frame, 404 unknown tasks, 405 unknown op, 422 bad ids). Close "
-                "codes: 1008 Origin refused (HTTP 403 before the upgrade), 1009 frame too big, "
-                "1012 server restart, 4413 too many subscriptions, 4429 rate limited, 4422 bad "
+                "`{\"op\":\"unsubscribe\",\"task_ids\":[1]}`, `{\"op\":\"ping\"}`, "
+                "`{\"op\":\"auth\",\"token\":\"...\"}` (access control: also a refresh). "
+                "Server frames: `task` (with `data`), `subscribed`, `unsubscribed`, `pong`, "
+                "`authenticated` (with `exp`), `error` (`code` 400 bad frame, 401 no valid "
+                "token, 403 tasks the token does not name, listed in `task_ids`, 404 unknown "
+                "tasks, 405 unknown op, 422 bad ids). Close codes: 1008 Origin refused (HTTP 403 "
+                "before the upgrade), 1009 frame too big, 1012 server restart, 4401 invalid "
+                "token at the upgrade, no valid token within TASKCAST_WS_AUTH_TIMEOUT_S, or the "
+                "token expired, 4413 too many subscriptions, 4429 rate limited, 4422 bad "
                 "image_base64 flag. A client that stops reading has its connection aborted "
                 "after TASKCAST_SEND_TIMEOUT_S (an abnormal closure, 1006, no close frame)."),
-            "parameters": [IMAGE_FLAG],
+            "parameters": [IMAGE_FLAG, TOKEN],
             "responses": {"101": {"description": "switching protocols"},
                           "403": {"description": "Origin not allowed"}},
         }
@@ -115,8 +142,11 @@ EXTRA_PATHS: dict[str, Any] = {
         "get": {
             "summary": "WebSocket: one task's states (upgrade)",
             "description": ("Task frames only; close 1000 after the terminal state, 4404 for an "
-                            "unknown task, 4422 for a malformed id."),
-            "parameters": [TASK_ID, IMAGE_FLAG],
+                            "unknown task, 4422 for a malformed id; with access control on, "
+                            "4401 for a missing, invalid or expired token and 4403 for a "
+                            "token that does not name the task (after the upgrade: browsers "
+                            "hide a refused upgrade's status)."),
+            "parameters": [TASK_ID, IMAGE_FLAG, TOKEN],
             "responses": {"101": {"description": "switching protocols"},
                           "403": {"description": "Origin not allowed"}},
         }

@@ -29,6 +29,7 @@ from taskcast.keys import TaskKeys
 from taskcast.producer import Producer
 from taskcast.settings import Settings
 from taskcast.store import TaskStore
+from taskcast.tokens import issue
 from tests.servers import RedisServer, free_port, run_gateway
 from tests.sse_client import read_metric, wait_for_metric
 
@@ -273,6 +274,33 @@ async def test_clients_exit_1_for_an_unknown_task(
         for run in runs:
             assert await run.finish() == 1, run.transcript()
             assert "404404" in "\n".join(run.stderr)
+
+
+async def test_clients_follow_with_a_token_and_exit_1_without_one(
+    redis_server: RedisServer, prefix: str, producer: Producer, spawn: Spawn
+) -> None:
+    secret = "example-secret-" + "x" * 40
+    settings = Settings(redis_url=redis_server.url, prefix=prefix, jwt_secret=secret)
+    async with run_gateway(settings) as gateway:
+        task = await producer.create()
+        other = await producer.create()
+        token = issue(secret, [task.task_id], ttl_s=60)
+        with_token = [await spawn(*client(script, gateway.url, task.task_id), "--token", token)
+                      for script in ("sse_client.py", "ws_client.py")]
+        for follower in with_token:
+            await follower.printed(f"task {task.task_id}: submitted 0% (version 1)")
+        await producer.complete(task.task_id, image_url="https://cdn.example/1.png")
+        for follower in with_token:
+            assert "completed 100%" in await follower.succeeded()
+        refused = [await spawn(*client(script, gateway.url, task.task_id))
+                   for script in ("sse_client.py", "ws_client.py")]
+        refused += [await spawn(*client(script, gateway.url, other.task_id), "--token", token)
+                    for script in ("sse_client.py", "ws_client.py")]
+        for run in refused:
+            assert await run.finish() == 1, run.transcript()
+        sse_none, ws_none, sse_other, ws_other = ["\n".join(run.stderr) for run in refused]
+        assert "HTTP 401" in sse_none and "HTTP 403" in sse_other
+        assert "'code': 401" in ws_none and "'code': 403" in ws_other
 
 
 # -- the redis-cli producer ---------------------------------------------------------------------

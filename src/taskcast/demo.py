@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import random
 import struct
 import time
@@ -181,9 +182,10 @@ def _token_for(request: Request, task_ids: list[int], ttl_s: float) -> dict[str,
     settings: Settings = request.app.state.settings
     if request.app.state.gate is None or not settings.jwt_secret:
         return {"token": None, "exp": None}
+    now = time.time()
     token = issue(settings.jwt_secret, task_ids, ttl_s, audience=settings.jwt_audience or None,
-                  issuer=settings.jwt_issuer or None)
-    return {"token": token, "exp": int(time.time() + ttl_s)}
+                  issuer=settings.jwt_issuer or None, now=now)
+    return {"token": token, "exp": math.ceil(now + ttl_s)}  # the token's exp claim
 
 
 async def task_image(request: Request) -> Response:

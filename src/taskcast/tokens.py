@@ -100,7 +100,7 @@ class Verifier:
 
     def __init__(self, *, secret: str | bytes | None = None, public_key_pem: bytes | None = None,
                  audience: str | None = None, issuer: str | None = None,
-                 leeway_s: float = 5.0) -> None:
+                 leeway_s: float = 5.0, cache_size: int = 10_000) -> None:
         if secret is None and public_key_pem is None:
             raise KeyConfigError("no key: give a secret and/or a public key")
         if not 0 <= leeway_s <= MAX_LEEWAY_S:
@@ -124,6 +124,12 @@ class Verifier:
             for algorithm in _public_algorithms(key):
                 self._keys[algorithm] = key
         self.algorithms = tuple(self._keys)
+        # Tokens already verified, to their grants: a poller sends the same token every
+        # second, a page reconnects with it. The keys never change while the process runs,
+        # so a token that verified once verifies again until it expires (checked on every
+        # hit); only accepted tokens are kept. Oldest out first once `cache_size` are held.
+        self._verified: dict[str, Grant] = {}
+        self.cache_size = cache_size
         self.audience = audience or None
         self.issuer = issuer or None
         self.leeway_s = leeway_s
@@ -144,6 +150,20 @@ class Verifier:
 
     def verify(self, token: str) -> Grant:
         """The token's Grant; raises TokenRefused with the reason otherwise."""
+        grant = self._verified.get(token)
+        if grant is not None:
+            if time.time() < grant.expires_at:
+                return grant
+            del self._verified[token]
+            raise TokenRefused("expired", "token expired")
+        grant = self._verify(token)
+        if self.cache_size > 0:
+            if len(self._verified) >= self.cache_size:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = grant
+        return grant
+
+    def _verify(self, token: str) -> Grant:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenRefused("too_large", f"token over {MAX_TOKEN_BYTES} bytes")
         try:
