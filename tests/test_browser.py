@@ -6,6 +6,9 @@ Covered: the demo page runs tasks to completion over SSE, WebSocket and REST pol
 gateway restart on the same port (the tasks live in Redis; the simulated worker dies with the
 gateway, so this test finishes them with the producer library), falls back SSE -> WebSocket ->
 polling when streaming is blocked, and the cross-origin example page in examples/browser.
+The demo runs with access control on, as `taskcast demo` does by default; its gateways share
+one secret (TASKCAST_JWT_SECRET) so that tests can mint tokens and tokens survive a restart.
+Tokens that expire, refusals and the client's token option: tests/test_browser_auth.py.
 Screenshots go to test-artifacts/ (gitignored).
 
 Chromium comes from Debian (`scripts/test` installs it); Playwright never downloads a browser.
@@ -35,6 +38,7 @@ from taskcast.demo import SIMULATED_FAILURE, render_png
 from taskcast.keys import TaskKeys
 from taskcast.producer import Producer
 from taskcast.store import TaskStore
+from taskcast.tokens import issue
 from tests.servers import RedisServer, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,6 +50,7 @@ playwright_api = pytest.importorskip("playwright.async_api")
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 WAIT_MS = 20_000  # every wait on the page is bounded by this
+SECRET = "browser-tests-secret-0123456789abcdefghijklmnop"  # the demo gateways' signing key
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 _prefixes = itertools.count()
@@ -86,6 +91,7 @@ class DemoGateway:
                      "--redis-url", redis_url, "--prefix", prefix, "--demo-step-s", str(step_s),
                      "--log-level", "warning", "--graceful-shutdown-s", "2", *extra]
         self.log = log
+        self.env = {**os.environ, "TASKCAST_JWT_SECRET": SECRET}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -94,7 +100,8 @@ class DemoGateway:
 
     async def start(self) -> None:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env)
         deadline = time.monotonic() + 20
         async with httpx.AsyncClient(timeout=1) as client:
             while time.monotonic() < deadline:
@@ -153,8 +160,10 @@ def artifacts() -> None:
     ARTIFACTS.mkdir(exist_ok=True)
 
 
-async def start_tasks(page: Any, count: int, mode: str = "sse", fail: bool = False) -> list[int]:
-    """Fill in the demo form, press Start, and return the ids the gateway created."""
+async def start_batch(page: Any, count: int, mode: str = "sse", fail: bool = False
+                      ) -> tuple[list[int], str | None]:
+    """Fill in the demo form, press Start, and return the ids the gateway created and the
+    token that came with them (None with access control off)."""
     await page.fill("#count", str(count))
     await page.set_checked("#fail", fail)
     await page.check(f"#mode-{mode}")
@@ -162,9 +171,15 @@ async def start_tasks(page: Any, count: int, mode: str = "sse", fail: bool = Fal
         await page.click("#start")
     response = await answer.value
     assert response.status == 201
-    ids: list[int] = (await response.json())["data"]["task_ids"]
+    data = (await response.json())["data"]
+    ids: list[int] = data["task_ids"]
     assert len(ids) == count
-    return ids
+    return ids, data["token"]
+
+
+async def start_tasks(page: Any, count: int, mode: str = "sse", fail: bool = False) -> list[int]:
+    """start_batch(), the ids only."""
+    return (await start_batch(page, count, mode, fail))[0]
 
 
 async def wait_finished(page: Any, ids: list[int], status: str = "completed") -> None:
@@ -206,9 +221,11 @@ async def status_log(page: Any) -> list[str]:
 
 async def test_demo_page_runs_five_tasks_to_completion(page: Any, demo: DemoGateway) -> None:
     await page.goto(demo.url)
-    ids = await start_tasks(page, 5)
+    ids, token = await start_batch(page, 5)
+    assert token is not None  # the demo runs with access control on
     await wait_finished(page, ids)
-    async with httpx.AsyncClient(base_url=demo.url) as client:
+    async with httpx.AsyncClient(base_url=demo.url,
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
         for task_id in ids:
             shown = await card(page, task_id)
             task = (await client.get(f"/tasks/{task_id}")).json()["data"]
@@ -340,21 +357,23 @@ async def test_silent_sse_and_websocket_fall_back_to_polling(
 async def test_client_drops_unknown_tasks_and_can_leave_out_the_image(
     page: Any, demo: DemoGateway
 ) -> None:
-    """An unknown id makes the whole SSE request a 404; the WebSocket then names it."""
+    """An unknown id makes the whole SSE request a 404; the client asks which id it was. (The
+    token names the unknown id too: the gateway answers 403 before 404 otherwise.)"""
     async with httpx.AsyncClient(base_url=demo.url) as client:
         created = await client.post("/demo/tasks", json={"count": 1})
     [task_id] = created.json()["data"]["task_ids"]
+    token = issue(SECRET, [task_id, 987654321], 60)
     await page.goto(demo.url)
     async with asyncio.timeout(WAIT_MS / 1000):
-        seen = await page.evaluate("""async (ids) => {
+        seen = await page.evaluate("""async ([ids, token]) => {
             const { watch } = await import('/taskcast.js');
             const updates = [], missing = [];
             const handle = watch(ids, (task) => updates.push(task), {
-                includeImageBase64: false, onNotFound: (gone) => missing.push(...gone),
+                token, includeImageBase64: false, onNotFound: (gone) => missing.push(...gone),
             });
             await handle.done;
             return { updates, missing, transport: handle.transport };
-        }""", [task_id, 987654321])
+        }""", [[task_id, 987654321], token])
     assert seen["missing"] == [987654321]
     versions = [task["version"] for task in seen["updates"]]
     assert versions == sorted(set(versions)) and seen["transport"] == ""  # closed when done
@@ -397,9 +416,11 @@ async def test_example_page_watches_a_gateway_on_another_origin(
         async with httpx.AsyncClient(base_url=gateway.url) as client:
             created = await client.post("/demo/tasks", json={"count": 2, "fail": False})
             ids: list[int] = created.json()["data"]["task_ids"]
+            token: str = created.json()["data"]["token"]
         await page.goto(example_site)
         await page.fill("#gateway", gateway.url)
         await page.fill("#task-ids", ", ".join(map(str, ids)))
+        await page.fill("#token", token)
         await page.select_option("#transport", transport)
         await page.click("#watch")
         await wait_finished(page, ids)

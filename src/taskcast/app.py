@@ -70,7 +70,7 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI. The lifespan is the Starlette app's, after recording what the server
-        offers (server_support) and asking to hear of its shutdown; a GET of an SSE path and
+        offers (server_support) and asking to hear of its shutdown; a GET or HEAD of an SSE path and
         a WebSocket on /ws or /tasks/{id}/ws go to their transport; all else to the app."""
         kind = scope["type"]
         if kind == "lifespan":
@@ -93,7 +93,7 @@ class GatewayApp:
 def _push_route(kind: str, scope: Scope) -> tuple[PushHandler, dict[str, str]] | None:
     path: str = scope["path"]
     if kind == "http":
-        if scope["method"] != "GET":
+        if scope["method"] not in ("GET", "HEAD"):  # HEAD: clients probing why a stream failed
             return None
         if path == "/events":
             return sse.serve, {}

@@ -211,7 +211,9 @@ async def task_image(request: Request) -> Response:
     except (binascii.Error, ValueError):
         return not_found("image not found")
     return Response(png, media_type="image/png",
-                    headers={"Cache-Control": "public, max-age=86400, immutable"})
+                    # private: the response needs a token (with access control on), and the URL
+                    # that carries one must not fill a shared cache.
+                    headers={"Cache-Control": "private, max-age=86400, immutable"})
 
 
 async def demo_page(request: Request) -> Response:
