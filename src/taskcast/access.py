@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from urllib.parse import parse_qsl
 
 from starlette.responses import Response
@@ -27,6 +28,7 @@ from taskcast.tokens import Grant, KeyConfigError, TokenRefused, Verifier
 logger = logging.getLogger(__name__)
 
 REALM = 'Bearer realm="taskcast"'
+_TOKEN_PARAMETER = re.compile(rb"(^|&)token=[^&]*")
 AUTH_MODES = ("on", "off")
 
 
@@ -76,12 +78,13 @@ class Gate:
 
     def authenticate(self, scope: Scope, transport: str) -> Grant:
         """The Grant of the request's token (`Authorization: Bearer`, which wins, else the
-        `token` query parameter); raises TokenRefused (counted) otherwise."""
+        `token` query parameter); raises TokenRefused (counted) otherwise. REST requests
+        repeat their token (a poller's every second): the verifier remembers those."""
         try:
             token = token_of(scope)
             if token is None:
                 raise TokenRefused("missing", "no token")
-            return self.verifier.verify(token)
+            return self.verifier.verify(token, remember=transport == "rest")
         except TokenRefused as refusal:
             self.refused(transport, refusal.reason)
             raise
@@ -104,7 +107,8 @@ class Gate:
 
 
 def token_of(scope: Scope) -> str | None:
-    """The token a request presents, or None; raises TokenRefused for an ambiguous one."""
+    """The token a request presents, or None; raises TokenRefused for an ambiguous one. A
+    token found in the query string is replaced there with `[redacted]`."""
     for name, value in scope["headers"]:
         if name == b"authorization":
             header: str = value.decode("latin-1")
@@ -118,6 +122,10 @@ def token_of(scope: Scope) -> str | None:
               if name == "token"]
     if len(tokens) > 1:
         raise TokenRefused("malformed", "more than one token parameter")
+    if tokens:
+        # Read once: what stays in the request (for access logs, for the connection's whole
+        # life) no longer holds it.
+        scope["query_string"] = _TOKEN_PARAMETER.sub(rb"\1token=[redacted]", query)
     return str(tokens[0]) if tokens else None
 
 

@@ -31,8 +31,9 @@ record when it reconnects. Direct writes only happen into an empty buffer, so a 
 holds at most one round of frames plus what the pump wrote before it stalled.
 
 Shared timers (Connections): one ticker writes SSE keep-alives for quiet streams, one sweeper
-finds stalled writes and (under uvicorn) departed SSE clients, one closer closes finished
-connections between deliveries (DeferredCloser), and the server's shutdown ends every session.
+finds stalled writes, (under uvicorn) departed SSE clients and expired access tokens, one
+closer closes finished connections between deliveries (DeferredCloser), and the server's
+shutdown ends every session.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Session:
                  "ends_when_done", "end",
                  "end_detail", "sending_since", "active", "_delivered", "_control", "_unsent",
                  "_started", "_done",
-                 "_sending", "_waiter", "_pump", "_flush_scheduled", "_released", "_deadline")
+                 "_sending", "_waiter", "_pump", "_flush_scheduled", "_released", "expiry")
 
     def __init__(self, conns: Connections, *, ends_when_done: bool) -> None:
         self.conns = conns
@@ -118,7 +119,8 @@ class Session:
         self._pump: asyncio.Task[None] | None = None  # a pump task of our own (WS)
         self._flush_scheduled = False
         self._released = False
-        self._deadline: asyncio.TimerHandle | None = None  # see expire_at
+        # (Unix time, end detail, metrics reason) set by expire_at, for the sweeper.
+        self.expiry: tuple[float, object, str] | None = None
         conns.add(self)
 
     # -- what to follow -------------------------------------------------------------------------
@@ -204,27 +206,23 @@ class Session:
 
     def expire_at(self, unix_time: float, detail: object = None,
                   reason: str = "expired_in_use") -> None:
-        """End the session as TOKEN_EXPIRED (with `detail`) at `unix_time`, unless this is
-        called again first (a refreshed token) or cancel_expiry() is; counted in the
-        auth refusals as `reason`. One timer of the event loop, none per delivery."""
-        self.cancel_expiry()
-        if self._released or self.end is not None:
-            return
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, unix_time - time.time())
-        self._deadline = loop.call_at(loop.time() + delay, self._expired, detail, reason)
+        """End the session as TOKEN_EXPIRED (with `detail`) once `unix_time` has passed,
+        unless this is called again first (a refreshed token) or cancel_expiry() is; counted
+        in the auth refusals as `reason`. The shared sweeper checks it (within a second):
+        no timer per connection (a uvloop timer costs ~0.5 KiB) and nothing per delivery."""
+        if not self._released and self.end is None:
+            self.expiry = (unix_time, detail, reason)
 
     def cancel_expiry(self) -> None:
         """Forget the time set by expire_at()."""
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self.expiry = None
 
-    def _expired(self, detail: object, reason: str) -> None:
-        self._deadline = None
-        if self.end is None and not self._released:
-            self.conns.metrics.auth_refusals.labels(self.transport, reason).inc()
-            self.finish(End.TOKEN_EXPIRED, detail)
+    def expired(self) -> None:
+        """The sweeper found the expiry time passed: end the session."""
+        expiry, self.expiry = self.expiry, None
+        if expiry is not None and self.end is None and not self._released:
+            self.conns.metrics.auth_refusals.labels(self.transport, expiry[2]).inc()
+            self.finish(End.TOKEN_EXPIRED, expiry[1])
 
     # -- the machinery --------------------------------------------------------------------------
 
@@ -544,8 +542,9 @@ class Connections:
 
     Between start() and close(): a session whose transport has a keep-alive gets one at every
     `sse_keepalive_s` tick in which it wrote nothing; every min(1 s, send_timeout_s / 4) the
-    sweeper drops a session whose pumped write has taken longer than `send_timeout_s`, and
-    ends one whose client the server reports gone. shutdown() ends every session, once.
+    sweeper drops a session whose pumped write has taken longer than `send_timeout_s`, ends
+    one whose client the server reports gone, and one whose expiry time has passed.
+    shutdown() ends every session, once.
     """
 
     def __init__(self, hub: Hub, metrics: Metrics, settings: Settings,
@@ -624,11 +623,13 @@ class Connections:
         timeout = self.settings.send_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
-            now = loop.time()
+            now, wall = loop.time(), time.time()
             for session in list(self._sessions):
                 since = session.sending_since
                 if since and now - since > timeout:
                     session.drop_slow()
                 elif session.disconnected:
                     session.client_left()
+                elif session.expiry is not None and wall >= session.expiry[0]:
+                    session.expired()
 

@@ -148,8 +148,10 @@ class Verifier:
         return cls(secret=secret or None, public_key_pem=pem, audience=audience,
                    issuer=issuer, leeway_s=leeway_s)
 
-    def verify(self, token: str) -> Grant:
-        """The token's Grant; raises TokenRefused with the reason otherwise."""
+    def verify(self, token: str, remember: bool = False) -> Grant:
+        """The token's Grant; raises TokenRefused with the reason otherwise. `remember`
+        keeps an accepted token for the next verify (for requests that repeat it: polling;
+        a stream verifies once and would only fill the cache)."""
         grant = self._verified.get(token)
         if grant is not None:
             if time.time() < grant.expires_at:
@@ -157,7 +159,7 @@ class Verifier:
             del self._verified[token]
             raise TokenRefused("expired", "token expired")
         grant = self._verify(token)
-        if self.cache_size > 0:
+        if remember and self.cache_size > 0:
             if len(self._verified) >= self.cache_size:
                 del self._verified[next(iter(self._verified))]
             self._verified[token] = grant

@@ -348,13 +348,6 @@ async def _read_frames(session: WsSession, receive: Receive) -> None:
             session.close(exc.code, exc.reason)
 
 
-def _presents_token(scope: Scope) -> bool:
-    try:
-        return token_of(scope) is not None
-    except TokenRefused:
-        return True  # an ambiguous one: authenticate() refuses it, and counts that
-
-
 async def _refuse(send: Send, code: CloseCode, reason: str) -> None:
     """Accept, then close with a code: browsers hide the HTTP status of a refused upgrade."""
     await send({"type": "websocket.accept"})
@@ -378,9 +371,14 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
     grant: Grant | None = None
     if gate is not None:
         try:
+            try:
+                token = token_of(scope)
+            except TokenRefused as ambiguous:
+                gate.refused("ws", ambiguous.reason)
+                raise
             # /ws may also get its token later, in an `auth` frame.
-            if per_task or _presents_token(scope):
-                grant = gate.authenticate(scope, "ws")
+            if per_task or token is not None:
+                grant = gate.verify(token, "ws")  # counts its refusals
         except TokenRefused as refusal:
             await _refuse(send, CloseCode.UNAUTHORIZED, f"unauthorized: {refusal.description}")
             return
