@@ -29,6 +29,8 @@ pinned cores from them; every run reports how busy each core was and with what.
     .venv/bin/python bench/sse_load.py --clients 5000 --tasks 500 --rate 2000 --duration 10 \
         --server raw
     .venv/bin/python bench/sse_load.py --churn 10 --clients 2000 --tasks 200 --hold 1
+    .venv/bin/python bench/sse_load.py --clients 5000 --tasks 500 --rate 2000 --duration 10 \
+        --auth
 
 Watchers and connections. `--clients N` is always N watchers (client-task pairs). A watcher
 is what every per-client figure counts: its first event, its terminal state (lost terminal
@@ -85,6 +87,25 @@ after round 1; a shrink passes), and per round the gateway CPU per connection fo
 including the gauge polls), per connection that got its first state(s). Clock ticks are
 10 ms: with a few hundred connections a round's CPU figure moves in steps of tens of us.
 
+`--auth` (access control, contract section 7): the gateway runs with a fixed HS256 secret
+(`BENCH_JWT_SECRET`, 46 bytes) in `TASKCAST_JWT_SECRET`, the only way the gateway takes a secret
+(never as a flag: it would show in `ps`), and every connection presents its own token as
+`?token=` (SSE, `/tasks/{id}/ws` and `/ws` alike): `taskcast.tokens.issue` naming exactly the
+task(s) of that connection, valid for the whole run, with a `sub` unique per connection, so
+that no two connections share a token (a gateway that remembers accepted tokens would otherwise
+verify one token for many connections). The coordinator mints every token before the shards
+start, outside every timed phase: minting is the generation service's cost, not the gateway's
+(the JSON records its time under `auth`). Before connecting, three probes check that the
+gateway enforces tokens (`GET /tasks/1` without a token: 401; with a token for task 1: 200;
+with a token for another task: 403). Without `--auth` the gateway gets no key: the bench
+removes `TASKCAST_JWT_*` and `TASKCAST_AUTH` from the gateway's environment in both modes, so a
+key in the caller's shell cannot turn a run into the other mode. `--auth-client-secret S` signs
+the clients' tokens with S instead (a check of the check: the gateway refuses them). Any
+connection refused by access control (HTTP 401/403, close 4401/4403, a `/ws` error frame
+401/403) ends the run with an error; a run that ends with an error prints `FAILED: ...`
+instead of figures, meets no target and exits 1. `scenario.auth` is true or false in every
+summary. Not with `--server raw` (it checks no tokens).
+
 It prints a JSON summary, then one human-readable line; `--json-out` also writes the JSON.
 
 Child modes (`--shard-child`, `--publisher-child`) are internal: the coordinator spawns them.
@@ -132,6 +153,17 @@ TARGET_P99_MS = 25.0
 TARGET_RSS_KIB_PER_CONN = 15.0
 TARGET_CONNECT_S_FOR_5000 = 1.5
 TARGET_IDLE_CONNECTIONS = 20_000
+
+# --auth: the gateway's HS256 secret (>= 32 bytes), fixed so that runs are alike. A bench value,
+# not a secret: the gateway listens on loopback only and lives for one run.
+BENCH_JWT_SECRET = "taskcast-bench-hs256-secret-not-for-production"
+# Environment variables that would switch access control on or off in the gateway: the bench
+# sets them itself (see --auth) and never passes the caller's on.
+GATEWAY_ACCESS_ENV = ("TASKCAST_AUTH", "TASKCAST_JWT_SECRET", "TASKCAST_JWT_PUBLIC_KEY_FILE",
+                      "TASKCAST_JWT_AUDIENCE", "TASKCAST_JWT_ISSUER")
+# Answers of access control that refuse a connection (contract 7): any of them fails the run.
+ACCESS_REFUSALS = (b"401", b"403")
+ACCESS_CLOSE_CODES = (4401, 4403)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,11 +490,13 @@ class Client(asyncio.Protocol):
     __slots__ = (
         "shard", "replica", "transport", "buf", "head_done", "closing", "ready", "error",
         "watches", "by_task", "awaiting_first", "unfinished", "unsettled", "close_started",
+        "token",
     )
 
     def __init__(self, shard: Shard, task_ids: list[int], replica: int) -> None:
         self.shard = shard
         self.replica = replica
+        self.token = ""  # --auth: this connection's token, sent as ?token=
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.head_done = False
@@ -535,6 +569,8 @@ class Client(asyncio.Protocol):
             self.fail(f"bad status line {status_line[:60]!r}")
             return None
         if parts[1] != expected_status:
+            if parts[1] in ACCESS_REFUSALS:
+                self.shard.refused[f"HTTP {parts[1].decode()}"] += 1
             self.fail(f"HTTP {parts[1].decode()}")
             return None
         self.head_done = True
@@ -579,7 +615,7 @@ class SSEClient(Client):
         self.ended = False
 
     def request(self) -> bytes:
-        return self.shard.sse_request(self.task_id, self.replica)
+        return self.shard.sse_request(self.task_id, self.replica, self.token)
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
@@ -683,7 +719,7 @@ class WSClient(Client):
     def request(self) -> bytes:
         key = base64.b64encode(os.urandom(16))
         self.accept = ws_accept(key)
-        return self.shard.ws_request(self.task_id, self.replica, key)
+        return self.shard.ws_request(self.task_id, self.replica, key, self.token)
 
     def opened(self) -> None:
         """After the 101: a per-task socket sends nothing."""
@@ -754,6 +790,8 @@ class WSClient(Client):
             self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             self.close_reason = payload[2:].decode(errors="replace")
             self.shard.close_codes[self.close_code] += 1
+            if self.close_code in ACCESS_CLOSE_CODES:
+                self.shard.refused[f"close {self.close_code}"] += 1
             if self.close_started:
                 # The server's answer to the client's close: the handshake is complete, and the
                 # client closes TCP (RFC 6455 7.1.1 allows it once both close frames passed).
@@ -817,7 +855,7 @@ class ManyWSClient(WSClient):
     def request(self) -> bytes:
         key = base64.b64encode(os.urandom(16))
         self.accept = ws_accept(key)
-        return self.shard.ws_many_request(self.replica, key)
+        return self.shard.ws_many_request(self.replica, key, self.token)
 
     def opened(self) -> None:
         assert self.transport is not None
@@ -832,6 +870,11 @@ def _identity(value: T) -> T:
     return value
 
 
+def token_query(token: str) -> str:
+    """`?token=...` for a connection with a token (a JWT is URL-safe as it is), else ""."""
+    return f"?token={token}" if token else ""
+
+
 class Shard:
     """The clients of one shard process, and what they saw."""
 
@@ -844,6 +887,8 @@ class Shard:
             kind = ManyWSClient if cfg.get("ws_endpoint") == "many" else WSClient
         self.clients: list[Client] = [kind(self, list(task_ids), replica)
                                       for task_ids, replica in cfg["clients"]]
+        for client, token in zip(self.clients, cfg.get("tokens") or (), strict=False):
+            client.token = token
         self.watches: list[Watch] = [w for client in self.clients for w in client.watches]
         self._requests: dict[tuple[int, int], bytes] = {}
         self.window = False
@@ -864,6 +909,7 @@ class Shard:
         self.violations: Counter[str] = Counter()
         self.other_events: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()  # refusals by access control (contract 7)
         self.settled_sent = False
         self.settled_info: dict[str, Any] = {}
         self.window_opened = 0.0
@@ -871,7 +917,11 @@ class Shard:
         self.timeline_latency: dict[int, float] = {}
         self.lags: list[float] = []
 
-    def sse_request(self, task_id: int, replica: int) -> bytes:
+    def sse_request(self, task_id: int, replica: int, token: str = "") -> bytes:
+        if token:  # one request per connection: every connection has a token of its own
+            return (f"GET /tasks/{task_id}/events{token_query(token)} HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1:{self.ports[replica]}\r\n"
+                    "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n").encode()
         request = self._requests.get((task_id, replica))
         if request is None:
             request = self._requests[task_id, replica] = (
@@ -881,11 +931,11 @@ class Shard:
             ).encode()
         return request
 
-    def ws_request(self, task_id: int, replica: int, key: bytes) -> bytes:
-        return self._ws_request(f"/tasks/{task_id}/ws", replica, key)
+    def ws_request(self, task_id: int, replica: int, key: bytes, token: str = "") -> bytes:
+        return self._ws_request(f"/tasks/{task_id}/ws{token_query(token)}", replica, key)
 
-    def ws_many_request(self, replica: int, key: bytes) -> bytes:
-        return self._ws_request("/ws", replica, key)
+    def ws_many_request(self, replica: int, key: bytes, token: str = "") -> bytes:
+        return self._ws_request(f"/ws{token_query(token)}", replica, key)
 
     def _ws_request(self, path: str, replica: int, key: bytes) -> bytes:
         return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.ports[replica]}\r\n"
@@ -922,6 +972,8 @@ class Shard:
             self.on_task(client, frame.get("data"), b"", now)
         elif kind == "error":
             reason = f"error frame {frame.get('code')}: {frame.get('msg')}"
+            if frame.get("code") in (401, 403):  # /ws: a subscribe the token does not open
+                self.refused[f"error frame {frame.get('code')}"] += 1
             task_ids = frame.get("task_ids")
             if client.MULTI and isinstance(task_ids, list):
                 self.errors[_error_class(reason)] += 1  # these tasks only; the others go on
@@ -1079,6 +1131,7 @@ class Shard:
             "first_event_walls": [w.first_event_at for w in firsts],
             "first_event_replicas": [w.client.replica for w in firsts],
             "errors": dict(self.errors),
+            "refused": dict(self.refused),
             "error_samples": self._error_samples(),
             "violations": dict(self.violations),
         }
@@ -1096,7 +1149,7 @@ class Shard:
         return {"ev": "status", "open": sum(open_by_replica.values()),
                 "open_by_replica": {str(k): v for k, v in open_by_replica.items()},
                 "clients": len(self.watches), "sockets": len(self.clients),
-                "errors": dict(self.errors),
+                "errors": dict(self.errors), "refused": dict(self.refused),
                 "error_samples": self._error_samples(), "keepalives": self.keepalives,
                 "pings": self.pings, "close_codes": {str(k): v for k, v in
                                                      self.close_codes.items()},
@@ -1137,6 +1190,7 @@ class Shard:
             "close_codes": {str(k): v for k, v in self.close_codes.items()},
             "open_at_report": sum(1 for c in self.clients if c.transport is not None),
             "errors": dict(self.errors),
+            "refused": dict(self.refused),
             "error_samples": self._error_samples(),
             "loop_lag_ms": distribution([x * 1000.0 for x in self.lags]),
             "settled": self.settled_info,
@@ -1176,6 +1230,7 @@ class Shard:
                 "took_s": round(time.monotonic() - started, 3),
                 "close_codes": {str(k): v for k, v in self.close_codes.items()},
                 "violations": dict(self.violations), "errors": dict(self.errors),
+                "refused": dict(self.refused),
                 "error_samples": self._error_samples()}
 
     def abort_all(self) -> None:
@@ -1689,6 +1744,9 @@ def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str
         if key.startswith("taskcast_resyncs_total"):
             reason = key.partition('reason="')[2].rstrip('"}')
             delta[f"resyncs_{reason}"] = value - before.get(key, 0.0)
+    refusals = [key for key in after if key.startswith("taskcast_auth_refusals_total")]
+    if refusals:  # the series appear with the first refusal (--auth: the access probes)
+        delta["auth_refusals"] = sum(after[key] - before.get(key, 0.0) for key in refusals)
     for transport in ("sse", "ws"):
         delta[f"open_connections_{transport}"] = after.get(
             f'taskcast_open_connections{{transport="{transport}"}}', 0.0)
@@ -1891,6 +1949,78 @@ def shard_plan(clients: int, tasks: int, requested: int, replicas: int = 1,
     return [plan[k::count] for k in range(count)]
 
 
+class AccessRefused(RuntimeError):
+    """Connections refused by the gateway's access control: the run measured nothing."""
+
+
+def check_refusals(args: argparse.Namespace, connected: Sequence[dict[str, Any]]) -> None:
+    """Raise AccessRefused when access control refused any connection of the connect phase
+    (HTTP 401/403, close 4401/4403, `/ws` error frame 401/403): figures over refused clients
+    would mean nothing."""
+    refused: Counter[str] = Counter()
+    for reply in connected:
+        refused.update(reply["refused"])
+    if not refused:
+        return
+    samples = [s for reply in connected for s in reply["error_samples"]][:1]
+    if args.auth_client_secret:
+        why = "the clients' tokens are signed with --auth-client-secret, not the gateway's secret"
+    elif args.auth:
+        why = "the clients' tokens do not open their tasks on this gateway"
+    else:
+        why = "the gateway requires tokens, and this run has no --auth"
+    raise AccessRefused(
+        f"access control refused {sum(refused.values())} of {args.clients // args.tasks_per_socket}"
+        f" connections ({', '.join(f'{k}: {v}' for k, v in sorted(refused.items()))}"
+        f"{'; e.g. ' + samples[0] if samples else ''}): {why}")
+
+
+def mint_tokens(plan: Sequence[Sequence[tuple[list[int], int]]], secret: str,
+                ttl_s: float) -> tuple[list[list[str]], dict[str, Any]]:
+    """--auth: one token per connection, as the generation service would hand them out:
+    `taskcast.tokens.issue` naming exactly the connection's task(s), HS256, with a `sub` of its
+    own (no two connections share a token). Runs before the shards start, outside every timed
+    phase. Returns the tokens per shard (in the order of the shard's clients) and a summary."""
+    from taskcast.tokens import issue
+
+    started = time.perf_counter()
+    tokens = [[issue(secret, ids, ttl_s, claims={"sub": f"bench-{shard}-{index}"})
+               for index, (ids, _replica) in enumerate(clients)]
+              for shard, clients in enumerate(plan)]
+    took = time.perf_counter() - started
+    count = sum(len(part) for part in tokens)
+    return tokens, {
+        "tokens_minted": count,
+        "token_bytes_mean": _round(sum(len(t) for part in tokens for t in part) / max(1, count),
+                                   1),
+        "mint_s": _round(took),
+        "mint_us_per_token": _round(took * 1e6 / max(1, count), 1),
+        "token_ttl_s": ttl_s,
+    }
+
+
+async def probe_access(gateways: Sequence[GatewayProc]) -> dict[str, Any]:
+    """--auth: before any client connects, check that every replica enforces tokens:
+    `GET /tasks/1` without a token is 401, with a token for task 1 (the gateway's secret) 200,
+    with a token for task 2 only 403. Raises AccessRefused when a replica answers otherwise
+    (a gateway without the key would make an "auth" run measure no access control at all)."""
+    from taskcast.tokens import issue
+
+    expected = {"without_token": 401, "token_for_task_1": 200, "token_for_task_2_only": 403}
+    paths = {"without_token": "/tasks/1",
+             "token_for_task_1": "/tasks/1?token=" + issue(BENCH_JWT_SECRET, [1], 60),
+             "token_for_task_2_only": "/tasks/1?token=" + issue(BENCH_JWT_SECRET, [2], 60)}
+    answers: list[dict[str, int]] = []
+    for gateway in gateways:
+        answers.append({name: (await http_get(gateway.port, path))[0]
+                        for name, path in paths.items()})
+        if answers[-1] != expected:
+            raise AccessRefused(f"the gateway (replica {gateway.index}) does not enforce tokens "
+                                f"as expected: GET /tasks/1 answered {answers[-1]}, expected "
+                                f"{expected}")
+    return {"expected": expected, "answers": answers[0], "replicas_probed": len(answers)}
+
+
 class GatewayProc:
     """One gateway replica: `python -m taskcast serve` on its own port, pinned with taskset."""
 
@@ -1956,6 +2086,7 @@ async def run_churn(args: argparse.Namespace, shards: Sequence[Child],
         for shard in shards:
             await shard.send("connect")
         connected = [await shard.reply(args.connect_timeout + 60) for shard in shards]
+        check_refusals(args, connected)
         t_connected = time.time()
         cpu_connected = cpu()
         rss_connected = rss()
@@ -2065,6 +2196,21 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
 
     plan = shard_plan(args.clients, args.tasks, args.client_procs, len(gateways),
                       args.replica_assign, args.tasks_per_socket)
+    tokens: list[list[str]] = [[] for _ in plan]
+    if args.auth:
+        summary["auth"] = {
+            "algorithm": "HS256", "secret_bytes": len(BENCH_JWT_SECRET.encode()),
+            "gateway_key": "TASKCAST_JWT_SECRET in the gateway's environment",
+            "client_secret": "other (--auth-client-secret)" if args.auth_client_secret
+            else "the gateway's",
+            "presented_as": "query parameter ?token= (SSE, /tasks/{id}/ws and /ws)",
+            "minted_by": "the coordinator, taskcast.tokens.issue, before the shards start "
+                         "(outside every timed phase)",
+        }
+        summary["auth"]["probe"] = await probe_access(gateways)
+        tokens, minted = mint_tokens(plan, args.auth_client_secret or BENCH_JWT_SECRET,
+                                     run_budget(args) + 1200.0)
+        summary["auth"].update(minted)
     assigned: Counter[int] = Counter()
     assigned_sockets: Counter[int] = Counter()
     for shard_clients in plan:
@@ -2106,6 +2252,7 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
         shards = [
             await spawn_child(f"shard {k}", "--shard-child", {
                 "ports": [g.port for g in gateways], "clients": shard_clients,
+                "tokens": tokens[k],
                 "transport": args.transport, "ws_endpoint": args.ws_endpoint,
                 "concurrency": max(1, math.ceil(args.connect_concurrency / len(plan))),
                 "connect_timeout": args.connect_timeout, "max_runtime": max_runtime,
@@ -2194,6 +2341,10 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
             })
         summary["connect"]["gateway_core_busy_by_others_pct"] = _others(
             summary["connect"], args.gateway_cpu)
+        if args.auth:
+            summary["connect"]["refused_by_access_control"] = dict(
+                sum((Counter(reply["refused"]) for reply in connected), Counter()))
+        check_refusals(args, connected)
         metrics_connected = await metrics_all()
         summary["gateway_metrics_connect"] = mdelta(sum_metrics(metrics_start),
                                                     sum_metrics(metrics_connected))
@@ -2472,9 +2623,19 @@ def transport_label(args: argparse.Namespace) -> str:
     return str(args.transport).upper()
 
 
+def failed_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    """A run that ended with an error reports the error, not figures."""
+    mode = f"CHURN {args.churn} rounds " if args.churn else ""
+    auth = " auth" if args.auth else ""
+    return (f"{mode}{transport_label(args)} N={args.clients} T={args.tasks}{auth} | "
+            f"FAILED: {summary['error']}")
+
+
 def churn_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
     parts = [f"CHURN {transport_label(args)} N={args.clients} T={args.tasks} "
              f"{args.churn} rounds, hold {args.hold:g} s"]
+    if args.auth:
+        parts.append("auth (a token per connection, ?token=)")
     if args.server == "raw":
         parts.append("raw ceiling server")
     if args.replicas > 1:
@@ -2506,17 +2667,19 @@ def churn_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
             parts.append(f"WARNING: other processes kept the gateway core {worst}% busy")
     if args.rt:
         parts.append(f"SCHED_FIFO {args.rt}")
-    if summary.get("error"):
-        parts.append(f"ERROR: {summary['error']}")
     return " | ".join(parts)
 
 
 def human_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    if summary.get("error"):
+        return failed_line(summary, args)
     if args.churn:
         return churn_line(summary, args)
     connect = summary.get("connect", {})
     memory = summary.get("memory", {})
     parts = [f"{transport_label(args)} N={args.clients} T={args.tasks}"]
+    if args.auth:
+        parts.append("auth (a token per connection, ?token=)")
     if args.server == "raw":
         parts.append("raw ceiling server")
     if args.replicas > 1:
@@ -2561,8 +2724,6 @@ def human_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
                      f"(slowest call {publish['publisher_slowest_call_ms']} ms)")
     if args.rt:
         parts.append(f"SCHED_FIFO {args.rt}")
-    if summary.get("error"):
-        parts.append(f"ERROR: {summary['error']}")
     return " | ".join(parts)
 
 
@@ -2605,6 +2766,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             "machine_quiet_at_start": quiet,
             "sched_fifo_priority": args.rt,
             "gateway_gc_threshold": args.gateway_gc_threshold or "as shipped (taskcast.cli)",
+            "auth": args.auth,
             **scenario_extras(args),
             "nofile": limits, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "cpus": os.cpu_count(), "gateway_python": python,
@@ -2638,6 +2800,13 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         if args.server == "raw":
             # The ceiling server in place of `taskcast serve`: same flags, core, priority.
             entry = [str(RAW_SERVER)]
+        # Access control is the bench's to choose (--auth), never the caller's shell's.
+        gateway_env = {k: v for k, v in os.environ.items() if k not in GATEWAY_ACCESS_ENV}
+        if args.auth:
+            gateway_env["TASKCAST_JWT_SECRET"] = BENCH_JWT_SECRET  # secrets: environment only
+        removed = sorted(set(os.environ) & set(GATEWAY_ACCESS_ENV))
+        if removed:
+            summary["scenario"]["caller_env_not_passed_to_gateway"] = removed
         for index in range(args.replicas):
             port = free_port()
             log_path = workdir / f"gateway{index}.log"
@@ -2647,7 +2816,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                      *entry, *(["serve"] if args.server == "taskcast" else []),
                      "--redis-url", redis_url, "--prefix", PREFIX, "--port", str(port),
                      "--log-level", "warning"],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=gateway_env,
                 )
             gateways.append(GatewayProc(index, port, proc, log_path))
         summary["scenario"]["gateway_pid"] = gateways[0].pid
@@ -2687,7 +2856,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             summary["logs"] = str(workdir)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    summary["targets"] = evaluate(summary, args)
+    # A run that ended with an error meets no target (its figures may cover refused clients).
+    summary["targets"] = {} if summary.get("error") else evaluate(summary, args)
     return summary
 
 
@@ -2776,6 +2946,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "gateway for each sample, so use it for shares, not for timings")
     parser.add_argument("--gateway-gc-threshold", metavar="G0,G1,G2",
                         help="what-if experiment: start the gateway with gc.set_threshold(...)")
+    parser.add_argument("--auth", action="store_true",
+                        help="access control on: the gateway gets a fixed HS256 secret "
+                        "(TASKCAST_JWT_SECRET) and every connection presents a token of its own "
+                        "for exactly its task(s) as ?token= (minted before the connect phase)")
+    parser.add_argument("--auth-client-secret", metavar="SECRET",
+                        help="--auth: sign the clients' tokens with SECRET instead of the "
+                        "gateway's secret (to check that refused clients fail the run)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON summary here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
@@ -2808,6 +2985,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--churn and --idle-only are different modes")
     if args.server == "raw" and (args.cluster or args.gateway_gc_threshold):
         parser.error("--server raw speaks redis:// only and has no GC option")
+    if args.auth and args.server == "raw":
+        parser.error("--auth needs --server taskcast: the raw server checks no tokens")
+    if args.auth_client_secret is not None and not args.auth:
+        parser.error("--auth-client-secret needs --auth")
     if args.py_spy is not None and args.churn:
         parser.error("--py-spy profiles the connect or publish phase; --churn has neither")
     if not args.idle_only and not args.churn and args.rate * args.duration / args.tasks > 99:
@@ -2835,7 +3016,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(text + "\n")
     print(human_line(summary, args))
-    return 1 if summary.get("error") else 0
+    if summary.get("error"):
+        print(f"sse_load.py: FAILED: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
