@@ -121,7 +121,9 @@ class Gateway:
 async def run_gateway(settings: Settings, port: int | None = None, **uvicorn_overrides: object
                       ) -> AsyncIterator[Gateway]:
     """A real uvicorn serving the app on 127.0.0.1, in the test's event loop."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only then (without
+    # it a request on a kept-alive connection waits ~40 ms for the delayed ACK).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port or 0))
     bound_port = int(sock.getsockname()[1])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 from starlette.responses import Response
 from starlette.types import Scope
@@ -118,8 +118,10 @@ def token_of(scope: Scope) -> str | None:
     query: bytes = scope.get("query_string", b"")
     if b"token=" not in query:
         return None
-    tokens = [value for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-              if name == "token"]
+    # Only a parameter spelled `token` counts, not an escaped name such as `%74oken`: what
+    # log redaction recognises is then exactly what the gateway accepts.
+    tokens = [unquote_plus(value.decode("latin-1")) for name, _, value in
+              (part.partition(b"=") for part in query.split(b"&")) if name == b"token"]
     if len(tokens) > 1:
         raise TokenRefused("malformed", "more than one token parameter")
     if tokens:

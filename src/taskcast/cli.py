@@ -175,6 +175,8 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def _issue_token(args: argparse.Namespace, settings: Settings) -> int:
+    import jwt
+
     from taskcast.tokens import issue
 
     if bool(args.tasks) == bool(args.all):
@@ -191,6 +193,10 @@ def _issue_token(args: argparse.Namespace, settings: Settings) -> int:
         algorithm = args.algorithm or "RS256"
     elif settings.jwt_secret:
         key, algorithm = settings.jwt_secret, args.algorithm or "HS256"
+        if len(settings.jwt_secret.encode()) < 32:
+            print("taskcast: TASKCAST_JWT_SECRET is shorter than 32 bytes: no gateway accepts "
+                  "tokens signed with it", file=sys.stderr)
+            return 2
     else:
         print("taskcast: no signing key: set TASKCAST_JWT_SECRET (the gateway's secret) or "
               "TASKCAST_JWT_PRIVATE_KEY_FILE (the private half of TASKCAST_JWT_PUBLIC_KEY_FILE)",
@@ -210,8 +216,9 @@ def _issue_token(args: argparse.Namespace, settings: Settings) -> int:
         token = issue(key, "*" if args.all else args.tasks, args.ttl, algorithm=algorithm,
                       audience=settings.jwt_audience or None,
                       issuer=settings.jwt_issuer or None, claims=claims)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        print(f"taskcast: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, NotImplementedError, jwt.PyJWTError) as exc:
+        # e.g. a key that does not fit the algorithm (jwt.InvalidKeyError)
+        print(f"taskcast: cannot sign: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(token + "\n")
     return 0

@@ -4,7 +4,8 @@ Browsers can only pass a token in the URL (`?token=`), and servers log URLs: uvi
 log and its WebSocket handshake lines (`"WebSocket /ws?token=eyJ..." [accepted]`, at INFO even
 with the access log off). A filter on every handler of the root logger and on uvicorn's
 loggers rewrites such records before any handler formats them: the value of a `token`
-parameter and the credentials after `Bearer` become `[redacted]`. taskcast's own log lines
+parameter (in any spelling: `TOKEN`, `%74oken`) and the credentials after `Bearer` become
+`[redacted]`. taskcast's own log lines
 name paths, never query strings or headers.
 """
 
@@ -12,23 +13,28 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote
 
 REDACTED = "[redacted]"
-_PATTERNS = (
-    # token=... in a query string, up to the next separator or quote
-    (re.compile(r"((?:[?&]|%3F|%26)token(?:=|%3D))[^&\s\"']*", re.IGNORECASE), r"\1" + REDACTED),
-    (re.compile(r"(\bBearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1" + REDACTED),
-)
+# A query parameter (after ?, & or their escapes) up to the next separator, space or quote.
+_PARAMETER = re.compile(r"((?:[?&]|%3F|%26)([^=&?\s\"']+)(?:=|%3D))([^&\s\"']*)",
+                        re.IGNORECASE)
+_BEARER = re.compile(r"(\bBearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "taskcast")
 
 
 def redact(text: str) -> str:
     """`text` with token values replaced by `[redacted]`."""
-    if "oken" not in text and "earer" not in text:  # the common case: nothing to do
-        return text
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
+    text = _PARAMETER.sub(_redact_parameter, text)
+    return _BEARER.sub(r"\1" + REDACTED, text)
+
+
+def _redact_parameter(match: re.Match[str]) -> str:
+    # Any spelling of the name counts (`TOKEN`, `%74oken`), even those the gateway does not
+    # accept: a client that sent one still sent a credential.
+    if unquote(unquote(match.group(2))).lower() != "token":
+        return match.group(0)
+    return match.group(1) + REDACTED
 
 
 class TokenRedactor(logging.Filter):

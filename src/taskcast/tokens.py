@@ -191,8 +191,8 @@ class Verifier:
             raise TokenRefused("issuer", "wrong issuer") from None
         except jwt.InvalidSignatureError:
             raise TokenRefused("signature", "bad signature") from None
-        except jwt.MissingRequiredClaimError:
-            raise TokenRefused("claims", "the exp claim is required") from None
+        except jwt.MissingRequiredClaimError as missing:
+            raise TokenRefused("claims", f"the {missing.claim} claim is required") from None
         except jwt.PyJWTError:
             raise TokenRefused("malformed", "malformed token") from None
         exp = int(claims["exp"])
@@ -242,8 +242,10 @@ def issue(key: str | bytes | Any, tasks: Iterable[int | str] | Literal["*"], ttl
     else:
         granted = []
         for task_id in tasks:
+            if isinstance(task_id, bool) or not isinstance(task_id, int | str):
+                raise ValueError(f"not a task id: {task_id!r}")
             value = parse_task_id(task_id, ("tasks",)) if isinstance(task_id, str) else task_id
-            if isinstance(value, bool) or not 0 <= value <= INT64_MAX:
+            if not 0 <= value <= INT64_MAX:
                 raise ValueError(f"not a task id: {task_id!r}")
             granted.append(str(value) if value > JS_SAFE_MAX else value)
         if not granted:

@@ -123,12 +123,13 @@ class WsSession(Session):
             self.unwatch(dropped)
             self.reply({"type": "unsubscribed", "task_ids": dropped})
 
-    def reply(self, frame: dict[str, Any]) -> None:
-        """Queue a server frame behind what is queued (see Session.send_control). Raises
-        Abuse (4429) instead when MAX_QUEUED_REPLIES frames already wait for this client."""
+    def reply(self, frame: dict[str, Any] | bytes) -> None:
+        """Queue a server frame (an object, or its JSON) behind what is queued (see
+        Session.send_control). Raises Abuse (4429) instead when MAX_QUEUED_REPLIES frames
+        already wait for this client."""
         if self.backlog >= MAX_QUEUED_REPLIES:
             raise Abuse(CloseCode.RATE_LIMITED, "too many requests in flight")
-        self.send_control(orjson.dumps(frame))
+        self.send_control(frame if isinstance(frame, bytes) else orjson.dumps(frame))
 
     def error(self, code: ErrorCode, msg: str, **extra: Any) -> None:
         """reply() an error frame; the socket stays open. Raises Abuse as reply() does."""
@@ -281,7 +282,8 @@ def _authenticate(session: WsSession, token: object) -> None:
     except TokenRefused as refusal:
         session.error(ErrorCode.UNAUTHORIZED, f"unauthorized: {refusal.description}")
         return
-    session.reply({"type": "authenticated", "exp": grant.exp})
+    # Formatted by hand: a token may carry an exp beyond 64 bits, which orjson refuses.
+    session.reply(b'{"type":"authenticated","exp":%d}' % grant.exp)
     session.authorize(grant)
 
 
