@@ -14,6 +14,7 @@ Claims:
 
 from __future__ import annotations
 
+import base64
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jwt
+import orjson
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -168,12 +170,10 @@ class Verifier:
     def _verify(self, token: str) -> Grant:
         if len(token) > MAX_TOKEN_BYTES:
             raise TokenRefused("too_large", f"token over {MAX_TOKEN_BYTES} bytes")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise TokenRefused("malformed", "not a compact JWS") from None
-        algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm not in self._keys:
+        algorithm = _algorithm_of(token)
+        if algorithm is None:
+            raise TokenRefused("malformed", "not a compact JWS")
+        if algorithm not in self._keys:
             raise TokenRefused("algorithm", "algorithm not accepted for the configured keys")
         try:
             claims = jwt.decode(
@@ -198,6 +198,25 @@ class Verifier:
         exp = int(claims["exp"])
         return Grant(*_tasks_claim(claims.get("tasks")), exp=exp,
                      expires_at=exp + self.leeway_s)
+
+
+def _algorithm_of(token: str) -> str | None:
+    """The `alg` of the token's header ("" if it has none), or None if there is no header.
+
+    Only picks the key to try: jwt.decode then parses the header again, strictly, and refuses
+    any algorithm but this one. (jwt.get_unverified_header would parse it strictly twice,
+    which was a third of the cost of verifying a token.)"""
+    head, dot, _ = token.partition(".")
+    if not dot:
+        return None
+    try:
+        header = orjson.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except ValueError:  # not base64 (binascii.Error), not ASCII, not JSON
+        return None
+    if not isinstance(header, dict):
+        return None
+    algorithm = header.get("alg")
+    return algorithm if isinstance(algorithm, str) else ""  # "": no algorithm accepted
 
 
 def _tasks_claim(value: object) -> tuple[frozenset[int], bool]:
