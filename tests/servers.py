@@ -118,16 +118,17 @@ class Gateway:
 
 
 @asynccontextmanager
-async def run_gateway(settings: Settings, port: int | None = None, **uvicorn_overrides: object
-                      ) -> AsyncIterator[Gateway]:
-    """A real uvicorn serving the app on 127.0.0.1, in the test's event loop."""
+async def run_gateway(settings: Settings, port: int | None = None, *, demo: bool = False,
+                      **uvicorn_overrides: object) -> AsyncIterator[Gateway]:
+    """A real uvicorn serving the app (with the demo's routes if `demo`) on 127.0.0.1, in the
+    test's event loop."""
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only then (without
     # it a request on a kept-alive connection waits ~40 ms for the delayed ACK).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port or 0))
     bound_port = int(sock.getsockname()[1])
-    app = create_app(settings)
+    app = create_app(settings, demo=demo)
     config = uvicorn_config(GatewayApp(app), settings,
                             **{"log_level": "warning", **uvicorn_overrides})
     server = uvicorn.Server(config)

@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from taskcast.app import GatewayApp, create_app
-from taskcast.server import uvicorn_config
 from taskcast.settings import Settings
 from taskcast.tokens import issue
-from tests.servers import Gateway, RedisServer
+from tests.servers import Gateway, RedisServer, run_gateway
 from tests.test_browser import (
     ALL_FINISHED,
     CHROMIUM,
@@ -86,31 +81,6 @@ WATCH_IN_PAGE = """async ([ids, options]) => {
 }"""
 
 
-@asynccontextmanager
-async def run_demo_gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    """tests.servers.run_gateway, with the demo mounted: a real uvicorn on 127.0.0.1 in the
-    test's event loop, serving `create_app(settings, demo=True)`."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    app = create_app(settings, demo=True)
-    server = uvicorn.Server(uvicorn_config(GatewayApp(app), settings, log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(15):
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("uvicorn stopped during start-up")
-                await asyncio.sleep(0.01)
-        yield Gateway(app=app, server=server, port=int(sock.getsockname()[1]))
-    finally:
-        server.should_exit = True
-        async with asyncio.timeout(15):
-            await task
-        sock.close()
-
-
 def auth_settings(redis_server: RedisServer, step_s: float) -> Settings:
     return Settings(redis_url=redis_server.url, prefix=f"ta{next(_prefixes)}",
                     jwt_secret=SECRET, jwt_leeway_s=0, demo_step_s=step_s,
@@ -120,7 +90,7 @@ def auth_settings(redis_server: RedisServer, step_s: float) -> Settings:
 @pytest.fixture(scope="module")
 async def fast(redis_server: RedisServer) -> AsyncIterator[Gateway]:
     """A demo gateway with a key whose tasks finish in well under a second."""
-    async with run_demo_gateway(auth_settings(redis_server, 0.05)) as gateway:
+    async with run_gateway(auth_settings(redis_server, 0.05), demo=True) as gateway:
         yield gateway
 
 
@@ -129,7 +99,7 @@ async def slow(redis_server: RedisServer) -> AsyncIterator[Gateway]:
     """A demo gateway with a key whose tasks last several seconds: at least 3 steps of
     0.8 s * [0.5, 1.5] (4+ progress steps of 8..24 % to reach 90, after a first whole step),
     so longer than any 1 s token (`exp` rounds up: it lives at most 2 s)."""
-    async with run_demo_gateway(auth_settings(redis_server, 0.8)) as gateway:
+    async with run_gateway(auth_settings(redis_server, 0.8), demo=True) as gateway:
         yield gateway
 
 
@@ -248,7 +218,7 @@ async def test_demo_without_access_control_uses_no_token(
     """TASKCAST_AUTH=off: POST /demo/tasks answers token null, and the page watches (and
     loads images) without one."""
     settings = auth_settings(redis_server, 0.05).with_changes(auth="off")
-    async with run_demo_gateway(settings) as gateway:
+    async with run_gateway(settings, demo=True) as gateway:
         await page.goto(f"{gateway.url}/?imageBase64=false")
         await page.fill("#count", "2")
         async with page.expect_response("**/demo/tasks") as answer:

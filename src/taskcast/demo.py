@@ -112,12 +112,9 @@ async def start_tasks(request: Request) -> Response:
     optional): 201 with the new ids and a token for them (`token`, `exp`; null with access
     control off), 400 for a body that is not a JSON object, 422 for a bad field."""
     worker: SimulatedWorker = request.app.state.demo_worker
-    try:
-        body: Any = orjson.loads(await request.body() or b"{}")
-    except orjson.JSONDecodeError:
-        return envelope(400, "body must be JSON")
-    if not isinstance(body, dict):
-        return envelope(400, "body must be a JSON object")
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
     count, fail = body.get("count", 1), body.get("fail", False)
     type_, angle = body.get("type", ""), body.get("angle", "")
     if (isinstance(count, bool) or not isinstance(count, int)
@@ -142,12 +139,9 @@ async def issue_token(request: Request) -> Response:
     """`POST /demo/tokens` with `{"task_ids": [...], "ttl_s": N}`: a fresh token for tasks this
     demo created (the refresh a real generation service offers its users), 403 for others."""
     worker: SimulatedWorker = request.app.state.demo_worker
-    try:
-        body: Any = orjson.loads(await request.body() or b"{}")
-    except orjson.JSONDecodeError:
-        return envelope(400, "body must be JSON")
-    if not isinstance(body, dict):
-        return envelope(400, "body must be a JSON object")
+    body = await _json_object(request)
+    if isinstance(body, Response):
+        return body
     raw_ids = body.get("task_ids")
     if (not isinstance(raw_ids, list) or not raw_ids or len(raw_ids) > 1000
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw_ids)):
@@ -160,6 +154,17 @@ async def issue_token(request: Request) -> Response:
     if not set(raw_ids) <= worker.created:
         return envelope(403, "forbidden: the demo signs only for tasks it created")
     return JSONBody({"code": 200, "msg": "success", "data": _token_for(request, raw_ids, ttl)})
+
+
+async def _json_object(request: Request) -> dict[str, Any] | Response:
+    """The request's JSON object body (none: `{}`), or the 400 to answer."""
+    try:
+        body: Any = orjson.loads(await request.body() or b"{}")
+    except orjson.JSONDecodeError:
+        return envelope(400, "body must be JSON")
+    if not isinstance(body, dict):
+        return envelope(400, "body must be a JSON object")
+    return body
 
 
 def _ttl(value: object, request: Request) -> float | None:
