@@ -6,7 +6,7 @@
 # `bench/table.py bench/results/issue11-*.json` prints the rows, and the end of this script the
 # auth/no-auth ratios per round (the issue: 5000 SSE connects <= 1.5 s with auth, CPU per
 # delivery within 5 % of the run without).
-#   bench/issue11.sh                  all of it, RUNS=3 times each (about 10 minutes)
+#   bench/issue11.sh                  all of it, RUNS=3 times each (about 13 minutes)
 #   RUNS=1 ONLY="sse sse-auth" bench/issue11.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +30,12 @@ one() {  # name, run number
   $PY bench/sse_load.py ${RUN[$name]} --json-out "$OUT/issue11-$name-$run.json" | tail -1
 }
 
-# Interleaved, so that a machine that speeds up or slows down touches every configuration.
+# Interleaved, so that a machine that speeds up or slows down touches every configuration,
+# and in reverse order every other round (A B B A ...), so that neither mode always goes first.
 for run in $(seq 1 "$RUNS"); do
-  for name in $ORDER; do
+  order=$ORDER
+  if ((run % 2 == 0)); then order=$(echo "$ORDER" | tr ' ' '\n' | tac | tr '\n' ' '); fi
+  for name in $order; do
     [[ -z ${ONLY:-} || " $ONLY " == *" $name "* ]] && one "$name" "$run"
   done
 done

@@ -415,7 +415,9 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
         link.defer_to(conns.closer.add, conns.closer.later)
     await send({"type": "websocket.accept"})
     session = WsSession(conns, include, send, link, per_task)
-    if grant is not None:
+    if grant is not None and per_task:
+        session.expire_at(grant.expires_at)  # nothing to narrow later: the grant is not kept
+    elif grant is not None:
         session.authorize(grant)
     elif gate is not None:
         session.expire_at(time.time() + conns.settings.ws_auth_timeout_s,
