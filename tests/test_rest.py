@@ -232,6 +232,12 @@ BAD_IDS = [
         "msg": f"Input should be less than or equal to {INT64_MAX}",
         "input": "9223372036854775808", "ctx": {"le": INT64_MAX},
     }]}, id="int64-max-plus-one"),
+    # Python's int() refuses strings over 4300 digits: this was a 500 with a traceback.
+    pytest.param("1" * 5000, "1" * 5000, {"detail": [{
+        "type": "less_than_equal", "loc": ["path", "task_id"],
+        "msg": f"Input should be less than or equal to {INT64_MAX}",
+        "input": "1" * 5000, "ctx": {"le": INT64_MAX},
+    }]}, id="5000-digits"),
     pytest.param("1.5", "1.5", int_parsing("1.5"), id="decimal-point"),
     pytest.param(quote(" 7"), " 7", int_parsing(" 7"), id="leading-space"),
     pytest.param("1_0", "1_0", int_parsing("1_0"), id="underscore-separator"),

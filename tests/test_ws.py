@@ -358,7 +358,8 @@ async def test_per_task_socket_on_an_unknown_task_closes_4404(gateway: Gateway) 
         assert await close_code(ws) == 4404
 
 
-@pytest.mark.parametrize("raw", ["abc", "-1", "1.5", "9223372036854775808", "%20"])
+@pytest.mark.parametrize("raw", ["abc", "-1", "1.5", "9223372036854775808", "%20", "1" * 5000],
+                         ids=lambda raw: raw[:20])
 async def test_per_task_socket_with_a_malformed_id_closes_4422(
     gateway: Gateway, raw: str
 ) -> None:

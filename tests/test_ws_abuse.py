@@ -186,6 +186,7 @@ def int_parsing(value: str, index: int = 0) -> dict[str, Any]:
     (["1.5"], int_parsing("1.5")),
     ([" 7"], int_parsing(" 7")),
     (["9223372036854775808"], bound("less_than_equal", "le", "9223372036854775808")),
+    (["1" * 5000], bound("less_than_equal", "le", "1" * 5000)),  # beyond int()'s 4300 digits
     ([1, 2, -3], bound("greater_than_equal", "ge", -3, index=2)),
 ], ids=lambda value: repr(value)[:30])
 async def test_ids_that_are_not_non_negative_int64_get_error_422_with_detail(
