@@ -20,6 +20,8 @@ def test_compose_requires_a_secret_from_the_environment_with_a_clear_message() -
     assert match is not None, gateway["TASKCAST_JWT_SECRET"]
     assert "at least 32 bytes" in match.group(1)
     assert "TASKCAST_AUTH" not in gateway  # access control stays on
+    # Published on the host's loopback only: other machines go through a proxy.
+    assert compose["services"]["gateway"]["ports"] == ["127.0.0.1:8000:8000"]
 
 
 def test_the_image_listens_on_every_address_and_documents_the_key() -> None:
