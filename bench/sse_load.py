@@ -2804,6 +2804,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         gateway_env = {k: v for k, v in os.environ.items() if k not in GATEWAY_ACCESS_ENV}
         if args.auth:
             gateway_env["TASKCAST_JWT_SECRET"] = BENCH_JWT_SECRET  # secrets: environment only
+        # The bench measures how many connections one process holds: no cap, no lifetime.
+        gateway_env.setdefault("TASKCAST_MAX_CONNECTIONS", "0")
+        gateway_env.setdefault("TASKCAST_MAX_STREAM_S", "0")
         removed = sorted(set(os.environ) & set(GATEWAY_ACCESS_ENV))
         if removed:
             summary["scenario"]["caller_env_not_passed_to_gateway"] = removed

@@ -39,6 +39,9 @@ malformed, badly signed, expired or not yet valid: 401
 token that does not name every requested task: 403 `{"code":403,"msg":"forbidden","data":null}`,
 decided before the store is read. `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and
 `/taskcast.js` stay public.
+
+Limits: a process at TASKCAST_MAX_CONNECTIONS answers task reads (this endpoint included) with
+503 `{"code":503,"msg":"server busy","data":null}` and `Retry-After`.
 """
 
 ENVELOPE = {
@@ -65,6 +68,7 @@ TOKEN = {"name": "token", "in": "query", "required": False,
 AUTH_RESPONSES = {
     "401": _json("access control: no valid token"),
     "403": _json("access control: the token does not name the task(s)"),
+    "503": _json("server busy: the process is at TASKCAST_MAX_CONNECTIONS (Retry-After)"),
 }
 LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
                  "description": "sent by EventSource on reconnect: the last version it got",
@@ -128,7 +132,9 @@ EXTRA_PATHS: dict[str, Any] = {
                 "`authenticated` (with `exp`), `error` (`code` 400 bad frame, 401 no valid "
                 "token, 403 tasks the token does not name, listed in `task_ids`, 404 unknown "
                 "tasks, 405 unknown op, 422 bad ids). Close codes: 1008 Origin refused (HTTP 403 "
-                "before the upgrade), 1009 frame too big, 1012 server restart, 4401 invalid "
+                "before the upgrade), 1009 frame too big, 1012 server restart or "
+                "TASKCAST_MAX_STREAM_S reached, 1013 server busy (TASKCAST_MAX_CONNECTIONS), "
+                "4401 invalid "
                 "token at the upgrade, no valid token within TASKCAST_WS_AUTH_TIMEOUT_S, or the "
                 "token expired, 4413 too many subscriptions, 4429 rate limited, 4422 bad "
                 "image_base64 flag. A client that stops reading has its connection aborted "
@@ -142,7 +148,8 @@ EXTRA_PATHS: dict[str, Any] = {
         "get": {
             "summary": "WebSocket: one task's states (upgrade)",
             "description": ("Task frames only; close 1000 after the terminal state, 4404 for an "
-                            "unknown task, 4422 for a malformed id; with access control on, "
+                            "unknown task, 4422 for a malformed id, 1012 and 1013 as on /ws; "
+                            "with access control on, "
                             "4401 for a missing, invalid or expired token and 4403 for a "
                             "token that does not name the task (after the upgrade: browsers "
                             "hide a refused upgrade's status)."),

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from taskcast import redaction, server, sse, ws
+from taskcast import busy, redaction, server, sse, ws
 from taskcast.access import Gate, verifier_for
 from taskcast.broker import RedisPubSubBroker
 from taskcast.broker_cluster import ShardedPubSubBroker
@@ -67,22 +67,37 @@ class GatewayApp:
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
+        self.open = 0  # task reads under way: REST requests, SSE streams, WebSockets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI. The lifespan is the Starlette app's, after recording what the server
-        offers (server_support) and asking to hear of its shutdown; a GET or HEAD of an SSE path and
-        a WebSocket on /ws or /tasks/{id}/ws go to their transport; all else to the app."""
+        offers (server_support) and asking to hear of its shutdown; a GET or HEAD of an SSE
+        path and a WebSocket on /ws or /tasks/{id}/ws go to their transport; all else to the
+        app. Task reads beyond `max_connections` are refused (busy.py)."""
         kind = scope["type"]
         if kind == "lifespan":
             self.app.state.server_support = server.server_support(send)
             server.on_server_shutdown(scope, self._server_shutdown)
-        else:
-            route = _push_route(kind, scope)
+            await self.app(scope, receive, send)
+            return
+        route = _push_route(kind, scope)
+        if route is None and not (kind == "http" and scope["path"].startswith("/tasks/")):
+            await self.app(scope, receive, send)  # the service endpoints are never refused
+            return
+        scope["app"] = self.app
+        settings: Settings | None = getattr(self.app.state, "settings", None)
+        if settings is not None and settings.max_connections and (
+                self.open >= settings.max_connections):
+            await busy.refuse(scope, receive, send)
+            return
+        self.open += 1
+        try:
             if route is not None:
-                scope["app"] = self.app
                 await route[0](scope, receive, send, route[1])
-                return
-        await self.app(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
 
     def _server_shutdown(self) -> None:
         connections: Connections | None = getattr(self.app.state, "connections", None)

@@ -8,8 +8,10 @@ Close codes (the connection ends):
     1011 INTERNAL_ERROR          a bug on our side, a per-task socket's record that breaks the
                                  contract, or no pong within ws_ping_timeout_s; reconnect
     1012 SERVICE_RESTART         graceful shutdown; reconnect, maybe to another replica
-    1013 TRY_AGAIN_LATER         not sent: a client that stops reading is aborted (ws.py), so
-                                 it sees 1006; it reconnects and resumes from the records
+    1012 also                    the socket reached TASKCAST_MAX_STREAM_S: reconnect
+    1013 TRY_AGAIN_LATER         the process is at TASKCAST_MAX_CONNECTIONS (busy.py): try
+                                 again later, maybe on another replica. (A client that stops
+                                 reading is aborted instead, ws.py: it sees 1006)
     4401 UNAUTHORIZED            access control (contract 7): no valid token at the upgrade of
                                  /tasks/{id}/ws, an invalid one at the upgrade of /ws, no
                                  valid token on /ws within ws_auth_timeout_s, or the token

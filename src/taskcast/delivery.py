@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -67,6 +68,7 @@ class End(enum.Enum):
     SHUTDOWN = "the server is shutting down"
     CLOSED = "closed by the gateway"  # a WebSocket close code chosen by ws.py
     TOKEN_EXPIRED = "the access token expired"  # or, on /ws, none was given in time
+    RETIRED = "the connection reached its maximum lifetime"  # max_stream_s
     CLIENT_LEFT = "the client left"
     TOO_SLOW = "the client stopped reading"
 
@@ -96,7 +98,8 @@ class Session:
                  "ends_when_done", "end",
                  "end_detail", "sending_since", "active", "_delivered", "_control", "_unsent",
                  "_started", "_done",
-                 "_sending", "_waiter", "_pump", "_flush_scheduled", "_released", "expiry")
+                 "_sending", "_waiter", "_pump", "_flush_scheduled", "_released", "expiry",
+                 "retire_at")
 
     def __init__(self, conns: Connections, *, ends_when_done: bool) -> None:
         self.conns = conns
@@ -121,6 +124,11 @@ class Session:
         self._released = False
         # (Unix time, end detail, metrics reason) set by expire_at, for the sweeper.
         self.expiry: tuple[float, object, str] | None = None
+        # Loop time at which the sweeper ends the connection (0: never): max_stream_s, less up
+        # to 10 % so that connections opened together do not all come back at once.
+        lifetime = conns.settings.max_stream_s
+        self.retire_at = (asyncio.get_running_loop().time() + lifetime * random.uniform(0.9, 1)
+                          if lifetime > 0 else 0.0)
         conns.add(self)
 
     # -- what to follow -------------------------------------------------------------------------
@@ -543,7 +551,8 @@ class Connections:
     Between start() and close(): a session whose transport has a keep-alive gets one at every
     `sse_keepalive_s` tick in which it wrote nothing; every min(1 s, send_timeout_s / 4) the
     sweeper drops a session whose pumped write has taken longer than `send_timeout_s`, ends
-    one whose client the server reports gone, and one whose expiry time has passed.
+    one whose client the server reports gone, one whose token has expired and one that has
+    reached its lifetime (max_stream_s).
     shutdown() ends every session, once.
     """
 
@@ -632,4 +641,6 @@ class Connections:
                     session.client_left()
                 elif session.expiry is not None and wall >= session.expiry[0]:
                     session.expired()
+                elif session.retire_at and now >= session.retire_at:
+                    session.finish(End.RETIRED)
 

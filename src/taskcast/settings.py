@@ -56,6 +56,15 @@ class Settings:
         default=1000, metadata={"help": "task ids one /events stream may watch"}
     )
 
+    max_connections: int = field(
+        default=10_000, metadata={"help": "task reads (REST requests, SSE streams, WebSockets) "
+                                  "open at once in this process; more: 503 / close 1013 "
+                                  "(0 = no cap)"}
+    )
+    max_stream_s: float = field(
+        default=3600.0, metadata={"help": "an SSE stream or WebSocket is ended after 90-100 % "
+                                  "of this (clients reconnect and resume; 0 = never)"}
+    )
     ws_max_frame_bytes: int = field(
         default=65_536, metadata={"help": "largest client WebSocket frame (bigger: close 1009)"}
     )

@@ -68,7 +68,8 @@ TEXT = {include: partial(task_text, MESSAGE[include]) for include in (True, Fals
 _CLOSES = {End.DONE: (CloseCode.NORMAL, "task finished"),
            End.MISSING: (CloseCode.TASK_NOT_FOUND, "task not found"),
            End.SHUTDOWN: (CloseCode.SERVICE_RESTART, "server shutting down"),
-           End.TOKEN_EXPIRED: (CloseCode.UNAUTHORIZED, "token expired")}
+           End.TOKEN_EXPIRED: (CloseCode.UNAUTHORIZED, "token expired"),
+           End.RETIRED: (CloseCode.SERVICE_RESTART, "connection lifetime reached: reconnect")}
 
 
 class TokenBucket:
