@@ -175,7 +175,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         if demo:
             producer = Producer(redis, prefix=settings.prefix, retention_s=settings.retention_s,
                                 sharded=is_cluster_url(settings.redis_url))
-            worker = app.state.demo_worker = SimulatedWorker(producer, settings.demo_step_s)
+            worker = app.state.demo_worker = SimulatedWorker(producer, keys, settings.demo_step_s,
+                                                                   settings.demo_max_tasks)
         logger.info("taskcast serving tasks from %s (prefix %r); access control: %s",
                     _safe_url(settings.redis_url), settings.prefix, _access_summary(settings))
         try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
+import itertools
 import logging
 import math
 import random
@@ -26,11 +28,12 @@ from starlette.routing import BaseRoute, Route
 from taskcast.access import http_forbidden, http_grant
 from taskcast.errors import InvalidParameter, TaskcastError
 from taskcast.ids import parse_task_id
+from taskcast.keys import TaskKeys
 from taskcast.producer import Producer
 from taskcast.responses import JSONBody, envelope, not_found, validation_error
 from taskcast.settings import Settings
 from taskcast.static import static_file
-from taskcast.store import TaskStore
+from taskcast.store import STORE_ERRORS, TaskStore
 from taskcast.tokens import issue
 
 logger = logging.getLogger(__name__)
@@ -62,11 +65,17 @@ def render_png(seed: int, size: int = 96) -> bytes:
 class SimulatedWorker:
     """Runs each task like a generation job: submitted, progress in steps, then an image."""
 
-    def __init__(self, producer: Producer, step_s: float = 0.4) -> None:
+    def __init__(self, producer: Producer, keys: TaskKeys, step_s: float = 0.4,
+                 max_tasks: int = 1000) -> None:
         self.producer = producer
+        self.keys = keys
         self.step_s = step_s
-        self._jobs: set[asyncio.Task[None]] = set()
-        self.created: set[int] = set()  # the tasks this demo made: the only ones it signs for
+        # The demo runs on the embedded store by default, which keeps everything in memory:
+        # beyond `max_tasks` the oldest tasks are deleted, their running jobs stopped.
+        self.max_tasks = max_tasks
+        self._jobs: dict[int, asyncio.Task[None]] = {}
+        # The tasks this demo made, oldest first: the only ones it signs tokens for.
+        self.created: dict[int, None] = {}
 
     async def start_tasks(self, count: int, type: str, angle: str, fail: bool) -> list[int]:
         """Create `count` tasks, one after another, and start a job for each; returns their
@@ -76,11 +85,35 @@ class SimulatedWorker:
         for _ in range(count):
             task = await self.producer.create(type=type, angle=angle)
             ids.append(task.task_id)
-            self.created.add(task.task_id)
-            job = asyncio.create_task(self._run(task.task_id, fail))
-            self._jobs.add(job)
-            job.add_done_callback(self._jobs.discard)
+            self.created[task.task_id] = None
+            job = self._jobs[task.task_id] = asyncio.create_task(self._run(task.task_id, fail))
+            job.add_done_callback(functools.partial(self._job_done, task.task_id))
+        await self._forget_oldest()
         return ids
+
+    def _job_done(self, task_id: int, job: asyncio.Task[None]) -> None:
+        if self._jobs.get(task_id) is job:
+            del self._jobs[task_id]
+
+    async def _forget_oldest(self) -> None:
+        """Delete the oldest tasks beyond `max_tasks`: their records go (REST says 404, streams
+        end with not-found) and their jobs stop."""
+        excess = list(itertools.islice(self.created, max(0, len(self.created) - self.max_tasks)))
+        if not excess:
+            return
+        for task_id in excess:
+            del self.created[task_id]
+            job = self._jobs.pop(task_id, None)
+            if job is not None:
+                job.cancel()
+        try:
+            # One DEL per key: on a Redis Cluster the records live in different slots.
+            async with self.producer.redis.pipeline(transaction=False) as pipe:
+                for task_id in excess:
+                    pipe.delete(self.keys.record(task_id))
+                await pipe.execute()
+        except STORE_ERRORS as exc:  # the store keeps them; the demo goes on
+            logger.warning("demo: deleting %d old tasks failed: %s", len(excess), exc)
 
     async def _run(self, task_id: int, fail: bool) -> None:
         rng = random.Random(task_id)
@@ -102,9 +135,10 @@ class SimulatedWorker:
 
     async def close(self) -> None:
         """Cancel the running jobs and wait for them; their tasks stay as they are."""
-        for job in list(self._jobs):
+        jobs = list(self._jobs.values())
+        for job in jobs:
             job.cancel()
-        await asyncio.gather(*self._jobs, return_exceptions=True)
+        await asyncio.gather(*jobs, return_exceptions=True)
 
 
 async def start_tasks(request: Request) -> Response:
@@ -151,7 +185,7 @@ async def issue_token(request: Request) -> Response:
     ttl = _ttl(body.get("ttl_s"), request)
     if ttl is None:
         return _bad_ttl(body.get("ttl_s"), "ttl_s")
-    if not set(raw_ids) <= worker.created:
+    if not set(raw_ids) <= worker.created.keys():
         return envelope(403, "forbidden: the demo signs only for tasks it created")
     return JSONBody({"code": 200, "msg": "success", "data": _token_for(request, raw_ids, ttl)})
 

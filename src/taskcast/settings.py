@@ -118,6 +118,10 @@ class Settings:
     demo_step_s: float = field(
         default=0.4, metadata={"help": "taskcast demo: seconds between simulated progress steps"}
     )
+    demo_max_tasks: int = field(
+        default=1000, metadata={"help": "taskcast demo: tasks it keeps; making more deletes "
+                                "the oldest (records, images, running jobs)"}
+    )
     demo_token_ttl_s: int = field(
         default=600, metadata={"help": "taskcast demo: lifetime of the tokens it hands out"}
     )
