@@ -170,6 +170,8 @@ EXTRA_PATHS: dict[str, Any] = {
     "/metrics": {
         "get": {
             "summary": "Prometheus metrics",
+            "description": "Not on this port when TASKCAST_METRICS_PORT is set (404 here): "
+                           "they are then served by a listener of their own.",
             "responses": {"200": {"description": "Prometheus text format",
                                   "content": {"text/plain": {}}}},
         }

@@ -9,6 +9,7 @@ writes, framed by sse.py or ws.py, and written through server.py's direct link o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,7 +33,7 @@ from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.health import healthz, readyz
 from taskcast.hub import Broker, Hub
 from taskcast.keys import TaskKeys
-from taskcast.metrics import Metrics, metrics_endpoint
+from taskcast.metrics import Metrics, metrics_endpoint, metrics_server
 from taskcast.openapi import openapi_json
 from taskcast.producer import Producer
 from taskcast.responses import envelope, internal_error
@@ -171,6 +172,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         connections = app.state.connections = Connections(hub, metrics, settings, gate)
         hub.start()
         connections.start()
+        metrics_listener = metrics_server(settings, metrics)
         worker = None
         if demo:
             producer = Producer(redis, prefix=settings.prefix, retention_s=settings.retention_s,
@@ -182,6 +184,10 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         try:
             yield
         finally:
+            if metrics_listener is not None:
+                # shutdown() waits for the server thread's poll (up to 0.5 s): not on the loop.
+                await asyncio.to_thread(metrics_listener.shutdown)
+                metrics_listener.server_close()
             if worker is not None:
                 await worker.close()
             await connections.close()
@@ -198,12 +204,13 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         Route("/events", PushEndpoint(sse.serve), methods=["GET"]),
         WebSocketRoute("/ws", PushEndpoint(ws.serve)),
         WebSocketRoute("/tasks/{task_id}/ws", PushEndpoint(ws.serve)),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/taskcast.js", browser_client, methods=["GET"]),
     ]
+    if not settings.metrics_port:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     if demo:
         routes = demo_routes() + routes
     return Starlette(

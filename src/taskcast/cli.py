@@ -142,6 +142,11 @@ def _serve(settings: Settings, demo: bool = False) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     _tune_gc()
     if settings.workers > 1:
+        if settings.metrics_port:
+            print("taskcast: --metrics-port with --workers: each process has its own metrics "
+                  "and would need a port of its own; run one gateway per port instead",
+                  file=sys.stderr)
+            return 2
         if is_memory_url(settings.redis_url):
             print("taskcast: --workers needs a shared Redis; memory:// lives in one process",
                   file=sys.stderr)

@@ -6,6 +6,7 @@ Each app owns its registry, so several gateways in one process (tests) do not co
 from __future__ import annotations
 
 from collections.abc import Iterable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,12 +14,15 @@ from prometheus_client import (
     Gauge,
     disable_created_metrics,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
+
+from taskcast.settings import Settings
 
 # The `_created` samples double every counter's output and say nothing useful here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -102,3 +106,15 @@ async def metrics_endpoint(request: Request) -> Response:
     """`GET /metrics`: this process's metrics in the Prometheus text format."""
     metrics: Metrics = request.app.state.metrics
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_server(settings: Settings, metrics: Metrics) -> WSGIServer | None:
+    """With `metrics_port` set: prometheus_client's own HTTP server for this process's
+    metrics, on `metrics_host:metrics_port`, in a thread (the main port then has no /metrics,
+    so the public listener shows nothing about the process). Call shutdown() and
+    server_close() on it at the end. None when metrics stay on the main port."""
+    if not settings.metrics_port:
+        return None
+    server, _ = start_http_server(settings.metrics_port, settings.metrics_host,
+                                  registry=metrics.registry)
+    return server

@@ -56,6 +56,13 @@ class Settings:
         default=1000, metadata={"help": "task ids one /events stream may watch"}
     )
 
+    metrics_port: int = field(
+        default=0, metadata={"help": "serve /metrics on this port instead of the main one "
+                             "(0 = on the main port, public like it)"}
+    )
+    metrics_host: str = field(
+        default="127.0.0.1", metadata={"help": "address of the metrics port's listener"}
+    )
     max_connections: int = field(
         default=10_000, metadata={"help": "task reads (REST requests, SSE streams, WebSockets) "
                                   "open at once in this process; more: 503 / close 1013 "
