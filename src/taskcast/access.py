@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+from typing import overload
 from urllib.parse import unquote_plus
 
 from starlette.responses import Response
@@ -32,12 +33,16 @@ _TOKEN_PARAMETER = re.compile(rb"(^|&)token=[^&]*")
 AUTH_MODES = ("on", "off")
 
 
+def _has_key(settings: Settings) -> bool:
+    return bool(settings.jwt_secret or settings.jwt_public_key_file)
+
+
 def verifier_for(settings: Settings) -> Verifier | None:
     """The verifier the settings ask for, or None when tasks are open (auth off, or no key).
     Raises KeyConfigError for a setting that cannot work (an unreadable key, say)."""
     if settings.auth not in AUTH_MODES:
         raise KeyConfigError(f"TASKCAST_AUTH must be 'on' or 'off', not {settings.auth!r}")
-    if settings.auth == "off" or not (settings.jwt_secret or settings.jwt_public_key_file):
+    if settings.auth == "off" or not _has_key(settings):
         return None
     return Verifier.from_files(
         secret=settings.jwt_secret or None, public_key_file=settings.jwt_public_key_file or None,
@@ -58,15 +63,24 @@ def is_loopback(host: str) -> bool:
 def exposure_problem(settings: Settings) -> str | None:
     """Why `taskcast serve` must refuse to start with these settings, or None: every task
     would be open to the network (no key, auth not turned off, a non-loopback address)."""
-    if settings.auth == "off" or settings.jwt_secret or settings.jwt_public_key_file:
-        return None
-    if is_loopback(settings.host):
+    if settings.auth == "off" or _has_key(settings) or is_loopback(settings.host):
         return None
     return (f"refusing to serve {settings.host}:{settings.port} with no access control: "
             "anyone who can reach it could read every task and image. Either configure a "
             "key (TASKCAST_JWT_SECRET, at least 32 bytes, or TASKCAST_JWT_PUBLIC_KEY_FILE) "
             "so that reads need a token, or turn auth off explicitly (TASKCAST_AUTH=off or "
             "--auth off), e.g. behind a proxy that does its own checks.")
+
+
+def describe(settings: Settings) -> str:
+    """What access control these settings give, for the start-up log line (names no key)."""
+    if settings.auth == "off":
+        return "off (TASKCAST_AUTH=off: every task is open to whoever reaches the gateway)"
+    if not _has_key(settings):
+        return "none configured (no key: every task is open; loopback only)"
+    kinds = [name for name, value in (("HS secret", settings.jwt_secret),
+                                      ("public key", settings.jwt_public_key_file)) if value]
+    return "tokens required (" + ", ".join(kinds) + ")"
 
 
 class Gate:
@@ -76,13 +90,24 @@ class Gate:
         self.verifier = verifier
         self.metrics = metrics
 
-    def authenticate(self, scope: Scope, transport: str) -> Grant:
+    @overload
+    def authenticate(self, scope: Scope, transport: str) -> Grant: ...
+
+    @overload
+    def authenticate(self, scope: Scope, transport: str, *, required: bool) -> Grant | None: ...
+
+    def authenticate(self, scope: Scope, transport: str, *, required: bool = True
+                     ) -> Grant | None:
         """The Grant of the request's token (`Authorization: Bearer`, which wins, else the
-        `token` query parameter); raises TokenRefused (counted) otherwise. REST requests
-        repeat their token (a poller's every second): the verifier remembers those."""
+        `token` query parameter); raises TokenRefused (counted) otherwise. A request without
+        a token gives None when it is not `required` (/ws: a token may come in a frame).
+        REST requests repeat their token (a poller's every second): the verifier remembers
+        those."""
         try:
             token = token_of(scope)
             if token is None:
+                if not required:
+                    return None
                 raise TokenRefused("missing", "no token")
             return self.verifier.verify(token, remember=transport == "rest")
         except TokenRefused as refusal:

@@ -21,8 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from taskcast import busy, redaction, server, sse, ws
-from taskcast.access import Gate, verifier_for
+from taskcast import access, busy, redaction, server, sse, ws
 from taskcast.broker import RedisPubSubBroker
 from taskcast.broker_cluster import ShardedPubSubBroker
 from taskcast.connection import connect, is_cluster_url
@@ -136,7 +135,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
     """The gateway; `demo` adds the demo page and a simulated worker (`taskcast demo`)."""
     settings = settings or Settings.from_env()
     cors = CorsPolicy.from_setting(settings.cors_origins)
-    verifier = verifier_for(settings)  # a key that cannot work fails here, before serving
+    verifier = access.verifier_for(settings)  # a key that cannot work fails here, not later
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -167,7 +166,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         app.state.metrics = metrics
         app.state.hub = hub
         app.state.cors = cors
-        gate = app.state.gate = Gate(verifier, metrics) if verifier is not None else None
+        gate = app.state.gate = (access.Gate(verifier, metrics) if verifier is not None
+                                 else None)
         app.state.server_support = support
         connections = app.state.connections = Connections(hub, metrics, settings, gate)
         hub.start()
@@ -177,10 +177,10 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         if demo:
             producer = Producer(redis, prefix=settings.prefix, retention_s=settings.retention_s,
                                 sharded=is_cluster_url(settings.redis_url))
-            worker = app.state.demo_worker = SimulatedWorker(producer, keys, settings.demo_step_s,
-                                                                   settings.demo_max_tasks)
+            worker = app.state.demo_worker = SimulatedWorker(
+                producer, keys, settings.demo_step_s, settings.demo_max_tasks)
         logger.info("taskcast serving tasks from %s (prefix %r); access control: %s",
-                    _safe_url(settings.redis_url), settings.prefix, _access_summary(settings))
+                    _safe_url(settings.redis_url), settings.prefix, access.describe(settings))
         try:
             yield
         finally:
@@ -266,16 +266,6 @@ async def _corrupt_record(request: Request, exc: Exception) -> Response:
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # Starlette logs the traceback after this handler; the client sees the seed's 500 body only.
     return internal_error()
-
-
-def _access_summary(settings: Settings) -> str:
-    if settings.auth == "off":
-        return "off (TASKCAST_AUTH=off: every task is open to whoever reaches the gateway)"
-    kinds = [name for name, value in (("HS secret", settings.jwt_secret),
-                                      ("public key", settings.jwt_public_key_file)) if value]
-    if not kinds:
-        return "none configured (no key: every task is open; loopback only)"
-    return "tokens required (" + ", ".join(kinds) + ")"
 
 
 def _safe_url(url: str) -> str:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope, Send
 
+from taskcast import ws
 from taskcast.close_codes import CloseCode
-from taskcast.cors import CorsPolicy
+from taskcast.cors import add_cors_headers
 from taskcast.responses import envelope
 
 RETRY_AFTER_S = 5
@@ -24,12 +25,8 @@ async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "websocket":
         if (await receive())["type"] != "websocket.connect":
             return
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.close", "code": int(CloseCode.TRY_AGAIN_LATER),
-                    "reason": "server busy: try again later"})
+        await ws.refuse(send, CloseCode.TRY_AGAIN_LATER, "server busy: try again later")
         return
     response = envelope(503, "server busy", headers={"Retry-After": str(RETRY_AFTER_S)})
-    cors: CorsPolicy | None = getattr(scope["app"].state, "cors", None)
-    if cors is not None:
-        response.raw_headers.extend(await cors.response_headers(scope))
+    await add_cors_headers(response, scope)
     await response(scope, receive, send)

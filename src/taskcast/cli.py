@@ -182,7 +182,7 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 def _issue_token(args: argparse.Namespace, settings: Settings) -> int:
     import jwt
 
-    from taskcast.tokens import issue
+    from taskcast.tokens import HMAC_MIN_BYTES, issue
 
     if bool(args.tasks) == bool(args.all):
         print("taskcast: give --task ID (one or more) or --all", file=sys.stderr)
@@ -198,9 +198,9 @@ def _issue_token(args: argparse.Namespace, settings: Settings) -> int:
         algorithm = args.algorithm or "RS256"
     elif settings.jwt_secret:
         key, algorithm = settings.jwt_secret, args.algorithm or "HS256"
-        if len(settings.jwt_secret.encode()) < 32:
-            print("taskcast: TASKCAST_JWT_SECRET is shorter than 32 bytes: no gateway accepts "
-                  "tokens signed with it", file=sys.stderr)
+        if len(settings.jwt_secret.encode()) < HMAC_MIN_BYTES["HS256"]:
+            print(f"taskcast: TASKCAST_JWT_SECRET is shorter than {HMAC_MIN_BYTES['HS256']} "
+                  "bytes: no gateway accepts tokens signed with it", file=sys.stderr)
             return 2
     else:
         print("taskcast: no signing key: set TASKCAST_JWT_SECRET (the gateway's secret) or "

@@ -14,6 +14,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 
@@ -56,3 +57,11 @@ class CorsPolicy:
 
         await self._middleware.send(start, send=capture, request_headers=Headers(scope=scope))
         return list(sent[0]["headers"])
+
+
+async def add_cors_headers(response: Response, scope: Scope) -> None:
+    """Give a response answered outside the middleware stack (a refused or failed stream)
+    the CORS headers the app's policy would add; nothing when CORS is off."""
+    cors: CorsPolicy | None = getattr(scope["app"].state, "cors", None)
+    if cors is not None:
+        response.raw_headers.extend(await cors.response_headers(scope))

@@ -215,15 +215,11 @@ class Session:
     def expire_at(self, unix_time: float, detail: object = None,
                   reason: str = "expired_in_use") -> None:
         """End the session as TOKEN_EXPIRED (with `detail`) once `unix_time` has passed,
-        unless this is called again first (a refreshed token) or cancel_expiry() is; counted
-        in the auth refusals as `reason`. The shared sweeper checks it (within a second):
+        unless this is called again first (a refreshed token); counted in the auth refusals
+        as `reason`. The shared sweeper checks it (within a second):
         no timer per connection (a uvloop timer costs ~0.5 KiB) and nothing per delivery."""
         if not self._released and self.end is None:
             self.expiry = (unix_time, detail, reason)
-
-    def cancel_expiry(self) -> None:
-        """Forget the time set by expire_at()."""
-        self.expiry = None
 
     def expired(self) -> None:
         """The sweeper found the expiry time passed: end the session."""
@@ -400,7 +396,6 @@ class Session:
         if self._released:
             return
         self._released = True
-        self.cancel_expiry()
         self._stop_following()
         self.conns.discard(self)
         waiter = self._waiter

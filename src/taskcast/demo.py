@@ -92,8 +92,7 @@ class SimulatedWorker:
         return ids
 
     def _job_done(self, task_id: int, job: asyncio.Task[None]) -> None:
-        if self._jobs.get(task_id) is job:
-            del self._jobs[task_id]
+        self._jobs.pop(task_id, None)
 
     async def _forget_oldest(self) -> None:
         """Delete the oldest tasks beyond `max_tasks`: their records go (REST says 404, streams
@@ -160,9 +159,9 @@ async def start_tasks(request: Request) -> Response:
         return validation_error([{"type": "type_error", "loc": ["body"],
                                   "msg": "type and angle must be strings, fail a boolean",
                                   "input": body}])
-    ttl = _ttl(body.get("token_ttl_s"), request)
-    if ttl is None:
-        return _bad_ttl(body.get("token_ttl_s"), "token_ttl_s")
+    ttl = _ttl(body, "token_ttl_s", request)
+    if isinstance(ttl, Response):
+        return ttl
     ids = await worker.start_tasks(count, type_[:64], angle[:64], fail)
     return JSONBody({"code": 201, "msg": "created",
                      "data": {"task_ids": ids, **_token_for(request, ids, ttl)}},
@@ -182,9 +181,9 @@ async def issue_token(request: Request) -> Response:
         return validation_error([{"type": "list_type", "loc": ["body", "task_ids"],
                                   "msg": "task_ids must be a list of 1..1000 task ids",
                                   "input": raw_ids}])
-    ttl = _ttl(body.get("ttl_s"), request)
-    if ttl is None:
-        return _bad_ttl(body.get("ttl_s"), "ttl_s")
+    ttl = _ttl(body, "ttl_s", request)
+    if isinstance(ttl, Response):
+        return ttl
     if not set(raw_ids) <= worker.created.keys():
         return envelope(403, "forbidden: the demo signs only for tasks it created")
     return JSONBody({"code": 200, "msg": "success", "data": _token_for(request, raw_ids, ttl)})
@@ -201,19 +200,18 @@ async def _json_object(request: Request) -> dict[str, Any] | Response:
     return body
 
 
-def _ttl(value: object, request: Request) -> float | None:
+def _ttl(body: dict[str, Any], name: str, request: Request) -> float | Response:
+    """The token lifetime the body asks for in `name` (default: demo_token_ttl_s), or the
+    422 to answer."""
+    value = body.get(name)
     if value is None:
         return float(request.app.state.settings.demo_token_ttl_s)
     if (isinstance(value, bool) or not isinstance(value, int | float)
             or not 1 <= value <= MAX_TOKEN_TTL_S):
-        return None
+        return validation_error([{"type": "float_range", "loc": ["body", name],
+                                  "msg": f"{name} must be 1..{MAX_TOKEN_TTL_S} seconds",
+                                  "input": value}])
     return float(value)
-
-
-def _bad_ttl(value: object, name: str) -> Response:
-    return validation_error([{"type": "float_range", "loc": ["body", name],
-                              "msg": f"{name} must be 1..{MAX_TOKEN_TTL_S} seconds",
-                              "input": value}])
 
 
 def _token_for(request: Request, task_ids: list[int], ttl_s: float) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from taskcast import server
 from taskcast.access import http_forbidden, http_grant
-from taskcast.cors import CorsPolicy
+from taskcast.cors import CorsPolicy, add_cors_headers
 from taskcast.delivery import Connections, End, Item, Session
 from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
 from taskcast.hub import TaskState
@@ -332,7 +332,6 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
     except Exception:
         logger.exception("GET %s failed", scope["path"])
         response = internal_error()
-    cors: CorsPolicy | None = scope["app"].state.cors
-    if cors is not None and not isinstance(response, EventStream):
-        response.raw_headers.extend(await cors.response_headers(scope))
+    if not isinstance(response, EventStream):  # a stream sends its CORS headers itself
+        await add_cors_headers(response, scope)
     await response(scope, receive, send)

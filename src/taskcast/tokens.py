@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from taskcast.errors import InvalidParameter
-from taskcast.ids import INT64_MAX, parse_task_id
+from taskcast.ids import parse_task_id_value
 
 ALL_TASKS = "*"
 MAX_TOKEN_BYTES = 8192  # larger tokens are refused before any parsing
@@ -226,20 +226,14 @@ def _tasks_claim(value: object) -> tuple[frozenset[int], bool]:
         return frozenset(), True
     if not isinstance(value, list):
         raise TokenRefused("claims", 'the tasks claim must be a list of ids or "*"')
-    ids = set()
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int | str):
-            raise TokenRefused("claims", "the tasks claim holds a value that is not a task id")
-        if isinstance(item, int):
-            if not 0 <= item <= INT64_MAX:
-                raise TokenRefused("claims", "the tasks claim holds an id out of range")
-            ids.add(item)
-            continue
-        try:
-            ids.add(parse_task_id(item, ("tasks",)))
-        except InvalidParameter:
-            raise TokenRefused("claims", "the tasks claim holds a malformed id") from None
-    return frozenset(ids), False
+    try:
+        # The same rule as for ids in WebSocket frames: an int64 >= 0, or its decimal text.
+        ids = frozenset(parse_task_id_value(item, ("tasks", index))
+                        for index, item in enumerate(value))
+    except InvalidParameter as bad:
+        raise TokenRefused("claims", f"the tasks claim holds {bad.detail['type']}: "
+                           "not a non-negative int64 or its decimal text") from None
+    return ids, False
 
 
 def issue(key: str | bytes | Any, tasks: Iterable[int | str] | Literal["*"], ttl_s: float,
@@ -260,12 +254,8 @@ def issue(key: str | bytes | Any, tasks: Iterable[int | str] | Literal["*"], ttl
         raise ValueError('tasks must be task ids or "*"')
     else:
         granted = []
-        for task_id in tasks:
-            if isinstance(task_id, bool) or not isinstance(task_id, int | str):
-                raise ValueError(f"not a task id: {task_id!r}")
-            value = parse_task_id(task_id, ("tasks",)) if isinstance(task_id, str) else task_id
-            if not 0 <= value <= INT64_MAX:
-                raise ValueError(f"not a task id: {task_id!r}")
+        for index, task_id in enumerate(tasks):
+            value = parse_task_id_value(task_id, ("tasks", index))  # InvalidTaskId: ValueError
             granted.append(str(value) if value > JS_SAFE_MAX else value)
         if not granted:
             raise ValueError("a token must name at least one task (or \"*\")")

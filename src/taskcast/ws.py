@@ -27,7 +27,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
 from taskcast import server
-from taskcast.access import Gate, token_of
+from taskcast.access import Gate
 from taskcast.close_codes import CloseCode, ErrorCode
 from taskcast.delivery import Connections, End, Item, Session
 from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
@@ -301,7 +301,8 @@ async def _subscribe(session: WsSession, task_ids: list[int]) -> None:
         if forbidden:
             gate.refused("ws", "forbidden")
             session.error(ErrorCode.FORBIDDEN, "forbidden", task_ids=forbidden)
-            task_ids = [task_id for task_id in task_ids if task_id not in set(forbidden)]
+            refused = set(forbidden)
+            task_ids = [task_id for task_id in task_ids if task_id not in refused]
             if not task_ids:
                 return
     limit = session.conns.settings.ws_max_subscriptions
@@ -351,7 +352,7 @@ async def _read_frames(session: WsSession, receive: Receive) -> None:
             session.close(exc.code, exc.reason)
 
 
-async def _refuse(send: Send, code: CloseCode, reason: str) -> None:
+async def refuse(send: Send, code: CloseCode, reason: str) -> None:
     """Accept, then close with a code: browsers hide the HTTP status of a refused upgrade."""
     await send({"type": "websocket.accept"})
     await send({"type": "websocket.close", "code": int(code), "reason": reason})
@@ -374,39 +375,33 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
     grant: Grant | None = None
     if gate is not None:
         try:
-            try:
-                token = token_of(scope)
-            except TokenRefused as ambiguous:
-                gate.refused("ws", ambiguous.reason)
-                raise
             # /ws may also get its token later, in an `auth` frame.
-            if per_task or token is not None:
-                grant = gate.verify(token, "ws")  # counts its refusals
+            grant = gate.authenticate(scope, "ws", required=per_task)
         except TokenRefused as refusal:
-            await _refuse(send, CloseCode.UNAUTHORIZED, f"unauthorized: {refusal.description}")
+            await refuse(send, CloseCode.UNAUTHORIZED, f"unauthorized: {refusal.description}")
             return
     try:
         task_id = parse_task_id(path_params["task_id"]) if per_task else 0
         include = image_base64_flag(HTTPConnection(scope)) if scope["query_string"] else True
     except InvalidParameter as exc:
-        await _refuse(send, CloseCode.INVALID_TASK_ID, str(exc)[:120])
+        await refuse(send, CloseCode.INVALID_TASK_ID, str(exc)[:120])
         return
     if per_task and gate is not None and grant is not None and not grant.covers(task_id):
         gate.refused("ws", "forbidden")
-        await _refuse(send, CloseCode.FORBIDDEN, "forbidden")
+        await refuse(send, CloseCode.FORBIDDEN, "forbidden")
         return
     current: Task | None = None
     if per_task:
         try:
             current = await conns.hub.lookup(task_id)
             if current is None:
-                await _refuse(send, CloseCode.TASK_NOT_FOUND, "task not found")
+                await refuse(send, CloseCode.TASK_NOT_FOUND, "task not found")
                 return
         except StoreUnavailable:
             pass  # keep the socket; the hub delivers once Redis answers again
         except CorruptRecord as exc:
             logger.error("%s", exc)
-            await _refuse(send, CloseCode.INTERNAL_ERROR, "task record is malformed")
+            await refuse(send, CloseCode.INTERNAL_ERROR, "task record is malformed")
             return
     support: server.ServerSupport = state.server_support
     link = server.websocket_link(send) if support.websocket_protocol else None
