@@ -30,7 +30,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from taskcast.connection import connect as redis_connect
@@ -38,6 +38,8 @@ from taskcast.producer import Producer
 from taskcast.settings import Settings
 from tests.servers import Gateway, RedisServer, run_gateway
 from tests.sse_client import Follower, metric, read_stream, stream_problems
+from tests.test_ws import Frame, frames_before_pong, recv, send
+from tests.test_ws import ws_connect as ws_open
 
 BOUND_S = 10.0
 SECRET = "k" * 64  # HS256/384/512
@@ -58,7 +60,6 @@ OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 P256_KEY = ec.generate_private_key(ec.SECP256R1())
 P384_KEY = ec.generate_private_key(ec.SECP384R1())
 ED25519_KEY = ed25519.Ed25519PrivateKey.generate()
-Frame = dict[str, Any]
 
 
 def public_pem(private_key: Any) -> bytes:
@@ -220,30 +221,7 @@ def with_token(path: str, value: str | None) -> str:
 
 
 def ws_connect(gateway: Gateway, path: str, headers: dict[str, str] | None = None) -> Any:
-    return connect(gateway.ws_url + path, proxy=None, open_timeout=BOUND_S,
-                   close_timeout=BOUND_S, max_size=None, additional_headers=headers or None)
-
-
-async def send(ws: ClientConnection, frame: Any) -> None:
-    async with asyncio.timeout(BOUND_S):
-        await ws.send(orjson.dumps(frame).decode())
-
-
-async def recv(ws: ClientConnection, bound_s: float = BOUND_S) -> Frame:
-    async with asyncio.timeout(bound_s):
-        message = await ws.recv()
-    assert isinstance(message, str)
-    frame: Frame = orjson.loads(message)
-    return frame
-
-
-async def frames_before_pong(ws: ClientConnection) -> list[Frame]:
-    """A ping round trip: every frame the gateway sent before answering it."""
-    await send(ws, {"op": "ping"})
-    frames = []
-    while (frame := await recv(ws))["type"] != "pong":
-        frames.append(frame)
-    return frames
+    return ws_open(gateway, path, additional_headers=headers or None)
 
 
 async def read_until_closed(ws: ClientConnection, bound_s: float = BOUND_S

@@ -7,26 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import httpx
 import orjson
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from taskcast.producer import Producer
 from taskcast.settings import Settings
-from tests.servers import Gateway, run_gateway
+from tests.servers import run_gateway
 from tests.sse_client import Follower, read_stream
+from tests.test_ws import ws_connect
 
 BOUND_S = 10.0
 BUSY = {"code": 503, "msg": "server busy", "data": None}
-
-
-@contextlib.asynccontextmanager
-async def ws_connect(gateway: Gateway, path: str) -> AsyncIterator[ClientConnection]:
-    async with connect(gateway.ws_url + path, proxy=None, open_timeout=BOUND_S) as ws:
-        yield ws
 
 
 async def close_code(ws: ClientConnection) -> tuple[int | None, str]:

@@ -21,14 +21,15 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from taskcast.producer import Producer
 from taskcast.settings import Settings
 from taskcast.tokens import issue
 from tests.servers import ROOT, Gateway, RedisServer, free_port, run_gateway
 from tests.sse_client import Follower, Transcript, stream_problems
+from tests.test_ws import close_code, recv
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 SHIPPED = ROOT / "examples" / "nginx" / "taskcast.conf"
@@ -198,25 +199,6 @@ async def client(nginx: Nginx) -> AsyncIterator[httpx.AsyncClient]:
 def ws_connect(url: str, **options: Any) -> Any:
     return connect(url, proxy=None, open_timeout=BOUND_S, close_timeout=BOUND_S,
                    max_size=None, **options)
-
-
-async def recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(BOUND_S):
-        message = await ws.recv()
-    assert isinstance(message, str)
-    frame: dict[str, Any] = orjson.loads(message)
-    return frame
-
-
-async def close_code(ws: ClientConnection) -> int | None:
-    """Read until the gateway closes; the code of the close frame it sent."""
-    async with asyncio.timeout(BOUND_S):
-        try:
-            while True:
-                await ws.recv()
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None, f"closed without a close frame: {exc!r}"
-            return exc.rcvd.code
 
 
 async def wait_for(check: Callable[[], bool], what: str) -> None:
