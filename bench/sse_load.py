@@ -2200,14 +2200,16 @@ async def coordinate(args: argparse.Namespace, redis_url: str, redis_pids: list[
     if args.auth:
         summary["auth"] = {
             "algorithm": "HS256", "secret_bytes": len(BENCH_JWT_SECRET.encode()),
-            "gateway_key": "TASKCAST_JWT_SECRET in the gateway's environment",
+            "gateway_key": "none (--auth-without-key: a control run)" if args.auth_without_key
+            else "TASKCAST_JWT_SECRET in the gateway's environment",
             "client_secret": "other (--auth-client-secret)" if args.auth_client_secret
             else "the gateway's",
             "presented_as": "query parameter ?token= (SSE, /tasks/{id}/ws and /ws)",
             "minted_by": "the coordinator, taskcast.tokens.issue, before the shards start "
                          "(outside every timed phase)",
         }
-        summary["auth"]["probe"] = await probe_access(gateways)
+        if not args.auth_without_key:  # the control run's gateway checks nothing
+            summary["auth"]["probe"] = await probe_access(gateways)
         tokens, minted = mint_tokens(plan, args.auth_client_secret or BENCH_JWT_SECRET,
                                      run_budget(args) + 1200.0)
         summary["auth"].update(minted)
@@ -2631,11 +2633,18 @@ def failed_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
             f"FAILED: {summary['error']}")
 
 
+def auth_label(args: argparse.Namespace) -> str:
+    """--auth in a summary line; the control run says that nothing was checked."""
+    if args.auth_without_key:
+        return "tokens in the URLs, gateway without a key (control)"
+    return "auth (a token per connection, ?token=)"
+
+
 def churn_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
     parts = [f"CHURN {transport_label(args)} N={args.clients} T={args.tasks} "
              f"{args.churn} rounds, hold {args.hold:g} s"]
     if args.auth:
-        parts.append("auth (a token per connection, ?token=)")
+        parts.append(auth_label(args))
     if args.server == "raw":
         parts.append("raw ceiling server")
     if args.replicas > 1:
@@ -2679,7 +2688,7 @@ def human_line(summary: dict[str, Any], args: argparse.Namespace) -> str:
     memory = summary.get("memory", {})
     parts = [f"{transport_label(args)} N={args.clients} T={args.tasks}"]
     if args.auth:
-        parts.append("auth (a token per connection, ?token=)")
+        parts.append(auth_label(args))
     if args.server == "raw":
         parts.append("raw ceiling server")
     if args.replicas > 1:
@@ -2802,7 +2811,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             entry = [str(RAW_SERVER)]
         # Access control is the bench's to choose (--auth), never the caller's shell's.
         gateway_env = {k: v for k, v in os.environ.items() if k not in GATEWAY_ACCESS_ENV}
-        if args.auth:
+        if args.auth and not args.auth_without_key:
             gateway_env["TASKCAST_JWT_SECRET"] = BENCH_JWT_SECRET  # secrets: environment only
         # The bench measures how many connections one process holds: no cap, no lifetime.
         gateway_env.setdefault("TASKCAST_MAX_CONNECTIONS", "0")
@@ -2956,6 +2965,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--auth-client-secret", metavar="SECRET",
                         help="--auth: sign the clients' tokens with SECRET instead of the "
                         "gateway's secret (to check that refused clients fail the run)")
+    parser.add_argument("--auth-without-key", action="store_true",
+                        help="--auth's control run: the same tokens in the same URLs, but the "
+                        "gateway gets no key (what the longer requests cost without checks)")
     parser.add_argument("--json-out", type=Path, help="also write the JSON summary here")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
@@ -2992,6 +3004,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--auth needs --server taskcast: the raw server checks no tokens")
     if args.auth_client_secret is not None and not args.auth:
         parser.error("--auth-client-secret needs --auth")
+    if args.auth_without_key and (not args.auth or args.auth_client_secret is not None):
+        parser.error("--auth-without-key needs --auth (and no --auth-client-secret)")
     if args.py_spy is not None and args.churn:
         parser.error("--py-spy profiles the connect or publish phase; --churn has neither")
     if not args.idle_only and not args.churn and args.rate * args.duration / args.tasks > 99:
