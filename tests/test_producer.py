@@ -149,12 +149,12 @@ async def test_complete_base64_encodes_raw_bytes(
 async def test_complete_passes_a_str_image_unchanged(
     producer: Producer, redis: aioredis.Redis, keys: TaskKeys
 ) -> None:
-    text = "aGVsbG8=  not re-encoded, even if it is no base64 at all!"
+    text = "aGVsbG8="  # base64 text is checked (contract 8) but not re-encoded
     async with asyncio.timeout(TIMEOUT):
         task = await producer.create()
-        done = await producer.complete(task.task_id, image_base64=text, image_url="u")
+        done = await producer.complete(task.task_id, image_base64=text, image_url="/u")
         record = await record_of(redis, keys, task.task_id)
-    assert (done.image_base64, done.image_url) == (text, "u")
+    assert (done.image_base64, done.image_url) == (text, "/u")
     assert record[b"image_base64"] == text.encode()
 
 
@@ -185,21 +185,22 @@ async def test_fail_with_empty_message_raises_value_error_and_writes_nothing(
 async def test_update_applies_any_allowed_change(producer: Producer) -> None:
     async with asyncio.timeout(TIMEOUT):
         task = await producer.create()
-        done = await producer.update(task.task_id, status="completed", image_url="u",
-                                     image_base64="b")
-    assert (done.status, done.image_url, done.image_base64) == (TaskStatus.COMPLETED, "u", "b")
+        done = await producer.update(task.task_id, status="completed", image_url="/u",
+                                     image_base64="YmI=")
+    assert (done.status, done.image_url, done.image_base64) == (
+        TaskStatus.COMPLETED, "/u", "YmI=")
 
 
 async def _completed(producer: Producer) -> int:
     task = await producer.create()
-    await producer.complete(task.task_id, image_url="u")
+    await producer.complete(task.task_id, image_url="/u")
     return task.task_id
 
 
 async def test_repeating_the_completion_returns_the_same_state(producer: Producer) -> None:
     task = await producer.create()
-    done = await producer.complete(task.task_id, image_url="u")
-    again = await producer.complete(task.task_id, image_url="u")  # a worker's retry
+    done = await producer.complete(task.task_id, image_url="/u")
+    again = await producer.complete(task.task_id, image_url="/u")  # a worker's retry
     assert again == done
     assert again.version == 2  # create (1), complete (2); the repeat wrote nothing
 
@@ -213,7 +214,7 @@ async def _at_50(producer: Producer) -> int:
 REJECTED_CALLS = [
     pytest.param(_completed, lambda p, i: p.progress(i, 100), "TERMINAL", id="after-complete"),
     pytest.param(_completed, lambda p, i: p.fail(i, "late"), "TERMINAL", id="fail-after-complete"),
-    pytest.param(_completed, lambda p, i: p.complete(i, image_url="other"), "TERMINAL",
+    pytest.param(_completed, lambda p, i: p.complete(i, image_url="/other"), "TERMINAL",
                  id="complete-again-differently"),
     pytest.param(_at_50, lambda p, i: p.progress(i, 49), "PROGRESS_DECREASE", id="decrease"),
     pytest.param(_at_50, lambda p, i: p.progress(i, 101), "BAD_PROGRESS", id="above-100"),
@@ -244,7 +245,7 @@ async def test_rejected_transition_raises_transition_rejected_with_reason(
 
 @pytest.mark.parametrize("call", [
     pytest.param(lambda p: p.progress(404, 10), id="progress"),
-    pytest.param(lambda p: p.complete(404, image_url="u"), id="complete"),
+    pytest.param(lambda p: p.complete(404, image_url="/u"), id="complete"),
     pytest.param(lambda p: p.fail(404, "boom"), id="fail"),
     pytest.param(lambda p: p.update(404, status="processing"), id="update"),
 ])
@@ -267,7 +268,7 @@ async def test_producer_retention_s_sets_the_ttl_and_zero_keeps_forever(
         first = await short.create()
         await short.fail(first.task_id, "x")
         second = await forever.create()
-        await forever.complete(second.task_id, image_url="u")
+        await forever.complete(second.task_id, image_url="/u")
         assert 88 <= await redis.ttl(keys.record(first.task_id)) <= 90
         assert await redis.ttl(keys.record(second.task_id)) == -1
 
@@ -283,7 +284,7 @@ async def test_out_of_range_retention_s_is_refused_without_touching_the_task(
         task = await Producer(redis, prefix=prefix).create()
         before = await record_of(redis, keys, task.task_id)
         with pytest.raises(TransitionRejected) as refused:
-            await misconfigured.complete(task.task_id, image_url="u")
+            await misconfigured.complete(task.task_id, image_url="/u")
         assert refused.value.reason == "BAD_REQUEST"
         assert await record_of(redis, keys, task.task_id) == before
 
@@ -299,7 +300,7 @@ async def test_sharded_producer_spublishes_the_event(
             await pubsub.ssubscribe(keys.channel(5))
             while (await pubsub.get_message(timeout=1.0)) is None:
                 pass
-            done = await producer.complete(task.task_id, image_url="u")
+            done = await producer.complete(task.task_id, image_url="/u")
             message = None
             while message is None:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
@@ -342,7 +343,7 @@ def test_sync_producer_create_progress_complete_and_get(sync_producer: SyncProdu
     assert (at_70.status, at_70.progress) == (TaskStatus.PROCESSING, 70)
     assert sync_producer.get(task.task_id) == at_70
 
-    done = sync_producer.complete(task.task_id, image_base64=b"png-bytes", image_url="u")
+    done = sync_producer.complete(task.task_id, image_base64=b"png-bytes", image_url="/u")
     assert (done.status, done.progress, done.version) == (TaskStatus.COMPLETED, 100, 3)
     assert done.image_base64 == base64.b64encode(b"png-bytes").decode()
     assert sync_producer.get(task.task_id) == done
@@ -507,7 +508,7 @@ async def test_redis_cli_evalsha_of_the_shipped_script_is_seen_by_python(
 
     # The Python producer carries on where the other one left off.
     async with asyncio.timeout(TIMEOUT):
-        done = await producer.complete(51, image_url="u")
+        done = await producer.complete(51, image_url="/u")
     assert done.version == 3
 
 
@@ -620,30 +621,34 @@ def test_cli_complete_image_file_base64_encodes_the_file(
     assert ok_json(taskcast(redis_server, prefix, "get", "6")) == done
 
 
-async def test_a_create_that_finds_its_allocated_id_taken_returns_that_record(
+async def test_a_create_that_finds_its_allocated_id_taken_skips_to_the_next_one(
     redis: aioredis.Redis, prefix: str, keys: TaskKeys
 ) -> None:
-    """What a create re-sent after a dropped reply looks like: the id INCR handed out already
-    has its record. Nobody else can hold that id, so the record is the create's result."""
+    """Issue 12: the id INCR handed out already has a record that this create did not make
+    (an explicit id given elsewhere). Before, create() returned that foreign record as its
+    own; now it is never adopted, and the create takes the next id."""
     producer = Producer(redis, prefix=prefix)
     async with asyncio.timeout(TIMEOUT):
         await redis.set(keys.id_counter, 4)
         earlier = await producer.create(task_id=5, type="txt2img", angle="front")
-        again = await producer.create(type="txt2img", angle="front")
-        assert again == earlier
+        again = await producer.create(type="other", angle="back")
+        assert again.task_id == 6 and (again.type, again.version) == ("other", 1)
+        assert await producer.get(5) == earlier
         with pytest.raises(TransitionRejected) as refused:  # an explicit id stays strict
             await producer.create(task_id=5)
         assert refused.value.reason == "EXISTS"
 
 
-def test_a_sync_create_that_finds_its_allocated_id_taken_returns_that_record(
+def test_a_sync_create_that_finds_its_allocated_id_taken_skips_to_the_next_one(
     redis_server: RedisServer, prefix: str
 ) -> None:
     producer = SyncProducer.from_url(redis_server.url, prefix=prefix)
     try:
         producer.redis.set(TaskKeys(prefix).id_counter, 6)
         earlier = producer.create(task_id=7, type="txt2img")
-        assert producer.create(type="txt2img") == earlier
+        again = producer.create(type="other")
+        assert again.task_id == 8 and (again.type, again.version) == ("other", 1)
+        assert producer.get(7) == earlier
     finally:
         producer.close()
 

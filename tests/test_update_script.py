@@ -7,6 +7,7 @@ embedded `memory://` store as well: both must run the shipped script identically
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
@@ -36,6 +37,8 @@ TASK_KEYS = [
 RECORD_FIELDS = {
     "task_id", "status", "progress", "type", "angle", "image_url", "image_base64",
     "error_message", "version", "created_at", "updated_at",
+    # since issue 12 (deadline_ms only while unfinished)
+    "timeout_s", "retention_s",
 }
 
 
@@ -301,9 +304,9 @@ ACCEPTANCES = [
                {"status": "completed", "progress": 100, "version": 3,
                 "image": {"image_base64": "aGVsbG8=", "image_url": ""}}),
     Acceptance("processing-to-completed-both-images", PROCESSING_40,
-               update(status="completed", image_url="u", image_base64="b"),
+               update(status="completed", image_url="/u", image_base64="YmI="),
                {"status": "completed", "progress": 100,
-                "image": {"image_base64": "b", "image_url": "u"}}),
+                "image": {"image_base64": "YmI=", "image_url": "/u"}}),
     Acceptance("processing-to-completed-no-image", PROCESSING_40, update(status="completed"),
                {"status": "completed", "progress": 100, "version": 3}),
     Acceptance("processing-to-failed-with-progress", PROCESSING_40,
@@ -334,7 +337,8 @@ async def test_accepted_change_bumps_version_writes_record_and_publishes_reply(
         assert task[name] == value, name
     assert task["version"] == int(before.get("version", "0")) + 1
     assert task["updated_at"] >= int(before.get("updated_at", "0"))
-    assert set(record) == RECORD_FIELDS
+    assert set(record) - {"deadline_ms"} == RECORD_FIELDS
+    assert ("deadline_ms" in record) == (task["status"] not in ("completed", "failed"))
     assert record == {
         "task_id": str(TASK),
         "status": task["status"],
@@ -347,12 +351,16 @@ async def test_accepted_change_bumps_version_writes_record_and_publishes_reply(
         "version": str(task["version"]),
         "created_at": before.get("created_at", str(task["updated_at"])),
         "updated_at": str(task["updated_at"]),
+        "timeout_s": "3600",
+        "retention_s": str(DEFAULT_RETENTION_S),
+        **({} if task["status"] in ("completed", "failed") else {
+            "deadline_ms": str(task["updated_at"] + 3600 * 1000)}),
     }
     ttl = await store.ttl(TASK)
     if task["status"] in ("completed", "failed"):
         assert DEFAULT_RETENTION_S - 2 <= ttl <= DEFAULT_RETENTION_S
-    else:
-        assert ttl == -1
+    else:  # the backstop expiry of an unfinished record (issue 12)
+        assert 3600 + 86_400 - 2 <= ttl <= 3600 + 86_400
 
 
 NO_OPS = [
@@ -578,7 +586,7 @@ async def test_returned_json_has_exactly_the_task_keys_with_their_types(
         await store.apply(TASK, create(type="t", angle="a")),
         await store.apply(TASK, update(status="processing", progress=10)),
         await store.apply(TASK, update(status="processing", progress=10)),  # no-op
-        await store.apply(TASK, update(status="completed", image_url="u")),
+        await store.apply(TASK, update(status="completed", image_url="/u")),
         await store.apply(TASK + 1, create()),
         await store.apply(TASK + 1, update(status="failed", error_message="e")),
     ]
@@ -595,7 +603,7 @@ async def test_returned_json_has_exactly_the_task_keys_with_their_types(
 
 
 @pytest.mark.parametrize("terminal", [
-    pytest.param(update(status="completed", image_url="u"), id="completed"),
+    pytest.param(update(status="completed", image_url="/u"), id="completed"),
     pytest.param(update(status="failed", error_message="e"), id="failed"),
 ])
 @pytest.mark.parametrize("retention", [120, 3_600, 86_400 * 30])
@@ -604,7 +612,8 @@ async def test_terminal_record_ttl_equals_retention_s(
 ) -> None:
     await store.apply(TASK, create())
     await store.apply(TASK, update(status="processing", progress=5, retention_s=retention))
-    assert await store.ttl(TASK) == -1  # only finished records expire
+    # Unfinished: only the backstop (issue 12), timeout_s (default 3600) + a day.
+    assert 3600 + 86_400 - 2 <= await store.ttl(TASK) <= 3600 + 86_400
     await store.apply(TASK, {**terminal, "retention_s": retention})
     assert retention - 2 <= await store.ttl(TASK) <= retention
 
@@ -654,8 +663,12 @@ async def test_spublish_reaches_sharded_subscribers(real_store: ScriptStore) -> 
 
 ALLOWED = {
     "op", "task_id", "status", "progress", "type", "angle", "image_url", "image_base64",
-    "error_message", "retention_s", "publish",
+    "error_message", "retention_s", "publish", "timeout_s", "image_bytes", "create_token",
 }
+DEFAULT_TIMEOUT_S = 3600
+BACKSTOP_TTL_S = DEFAULT_TIMEOUT_S + 86_400  # an unfinished record's expiry (issue 12)
+VALID_URL = re.compile(r"([Hh][Tt][Tt][Pp][Ss]?://[^/?#].*|/.*|)", re.DOTALL)
+VALID_BASE64 = re.compile(r"([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 STRING_FIELDS = ("status", "type", "angle", "image_url", "image_base64", "error_message")
 KNOWN = ("submitted", "processing", "completed", "failed")
 TERMINAL = ("completed", "failed")
@@ -680,7 +693,8 @@ class ModelTask:
     version: int = 1
     created_at: int = 0
     updated_at: int = 0
-    ttl: int = -1  # expected TTL in seconds; -1 = none
+    retention_s: int = DEFAULT_RETENTION_S
+    ttl: int = BACKSTOP_TTL_S  # expected TTL in seconds; -1 = none
 
     def content(self) -> tuple[Any, ...]:
         return (self.status, self.progress, self.image_url, self.image_base64,
@@ -689,6 +703,9 @@ class ModelTask:
     def record(self) -> dict[str, str]:
         values = asdict(self)
         del values["ttl"]
+        values["timeout_s"] = DEFAULT_TIMEOUT_S
+        if self.status not in TERMINAL:
+            values["deadline_ms"] = self.updated_at + DEFAULT_TIMEOUT_S * 1000
         return {name: str(value) for name, value in values.items()}
 
     def as_json(self) -> dict[str, Any]:
@@ -719,6 +736,13 @@ def model_apply(
         return "BAD_REQUEST", current
     if any(name in change and not isinstance(change[name], str) for name in STRING_FIELDS):
         return "BAD_REQUEST", current
+    # The caps of contract 8 (the generated labels are all short).
+    url = change.get("image_url")
+    if url is not None and (not VALID_URL.fullmatch(url) or any(
+            ord(char) < 32 or ord(char) == 127 for char in url)):
+        return "BAD_FIELD", current
+    if "image_base64" in change and not VALID_BASE64.fullmatch(change["image_base64"]):
+        return "BAD_FIELD", current
 
     if change.get("op") == "create":
         if current is not None:
@@ -733,7 +757,8 @@ def model_apply(
         if any(name in change for name in ("image_url", "image_base64", "error_message")):
             return "BAD_FIELD", current
         return None, ModelTask(task_id, type=change.get("type", ""),
-                               angle=change.get("angle", ""), version=0)
+                               angle=change.get("angle", ""), version=0,
+                               retention_s=int(retention))
     if change.get("op") != "update":
         return "BAD_REQUEST", current
     if current is None:
@@ -777,6 +802,7 @@ def model_apply(
     )
     if after.content() == current.content():
         return None, current
+    after = replace(after, retention_s=int(retention))
     if status in TERMINAL:
         after = replace(after, ttl=int(retention) if retention > 0 else -1)
     return None, after
@@ -809,10 +835,16 @@ def steps(draw: st.DrawFn) -> tuple[int, dict[str, Any], bool]:
                 change[name] = draw(SHORT_TEXT)
     # Mostly the fields that go with the status, now and then the ones that do not.
     status = change.get("status")
+    values = {  # valid forms mostly, and now and then one the caps refuse
+        "image_url": st.sampled_from(["", "/a.png", "https://cdn/x.png", "HTTP://h/y"])
+        | SHORT_TEXT,
+        "image_base64": st.sampled_from(["", "aGk=", "YWJj", "YQ=="]) | SHORT_TEXT,
+        "error_message": SHORT_TEXT,
+    }
     for name, fits in (("image_url", "completed"), ("image_base64", "completed"),
                        ("error_message", "failed")):
         if draw(st.integers(0, 9)) < (6 if status == fits else 1):
-            change[name] = draw(SHORT_TEXT)
+            change[name] = draw(values[name])
     if draw(st.integers(0, 4)) == 0:
         change["retention_s"] = draw(st.sampled_from([0, 600, 3_600, -1, 1.5]))
     if draw(st.integers(0, 9)) == 0:

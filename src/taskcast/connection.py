@@ -44,7 +44,7 @@ def _memory_server(url: str) -> Any:
 
 def connect(
     url: str, *, timeout: float = 2.0, max_connections: int = 50, retries: int = 2,
-    protocol: int | None = None,
+    protocol: int | None = None, pool_timeout: float | None = None,
 ) -> aioredis.Redis:
     """An asyncio client that fails fast: a request should see a 500 within about `timeout`
     seconds of Redis going away, not after redis-py's default ten retries.
@@ -52,7 +52,8 @@ def connect(
     `retries=0` is for pub/sub: redis-py's silent reconnect there races with a second
     coroutine using the same connection, so the broker rebuilds the connection itself.
     `protocol=2` is for pub/sub too: redis-py's RESP3 push path looks up a logger for every
-    message, a measurable share of the gateway's CPU per event."""
+    message, a measurable share of the gateway's CPU per event.
+    `pool_timeout` (default `timeout`): how long a command waits for a free connection."""
     if is_memory_url(url):
         import fakeredis
 
@@ -79,7 +80,7 @@ def connect(
         socket_connect_timeout=timeout,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=retries),
         max_connections=max_connections,
-        timeout=timeout,
+        timeout=timeout if pool_timeout is None else pool_timeout,
         health_check_interval=0,
         **({"protocol": protocol} if protocol is not None else {}),
     )

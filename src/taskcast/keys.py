@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "taskcast"
+# Sorted sets the timeout index is spread over, so that on a cluster no single slot takes
+# every create; gateways sweep them all.
+TIMEOUT_BUCKETS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,23 @@ class TaskKeys:
     def channel(self, task_id: int) -> str:
         """The task's pub/sub channel, `P:task:{ID}:events`, in the same slot as its record."""
         return f"{self.prefix}:task:{{{task_id}}}:events"
+
+    def image(self, task_id: int) -> str:
+        """The raw bytes of a staged image, `P:task:{ID}:image` (the record's slot)."""
+        return f"{self.prefix}:task:{{{task_id}}}:image"
+
+    def upload(self, task_id: int, token: str) -> str:
+        """Where a producer stages an image before the completion moves it to image()."""
+        return f"{self.prefix}:task:{{{task_id}}}:upload:{token}"
+
+    def timeouts(self, bucket: int) -> str:
+        """Sorted set of task ids to check for a timeout, scored by the time (ms) to look
+        (hints: the record's deadline is the truth); tasks spread over TIMEOUT_BUCKETS."""
+        return f"{self.prefix}:timeouts:{{{bucket}}}"
+
+    def timeouts_of(self, task_id: int) -> str:
+        """The timeouts() bucket of a task."""
+        return self.timeouts(task_id % TIMEOUT_BUCKETS)
 
     @property
     def id_counter(self) -> str:

@@ -17,6 +17,7 @@ import orjson
 from taskcast.errors import CorruptRecord
 
 _INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; int() takes more ("٣", "1_0")
+MAX_IMAGE_BYTES = 12_582_912  # a staged raw image: what 16 MiB of base64 encodes
 
 
 class TaskStatus(StrEnum):
@@ -47,13 +48,20 @@ RECORD_FIELDS: tuple[str, ...] = (
     "version",
     "created_at",
     "updated_at",
+    # Set (the length) when the image was staged: its raw bytes are in `P:task:{ID}:image`.
+    "image_bytes",
 )
 RECORD_FIELDS_WITHOUT_IMAGE_BASE64 = tuple(f for f in RECORD_FIELDS if f != "image_base64")
 
 
 @dataclass(frozen=True, slots=True)
 class Task:
-    """One version of a task, immutable; `version` 0 when the record or event had none."""
+    """One version of a task, immutable; `version` 0 when the record or event had none.
+
+    `image_omitted`: the image exists but its bytes are not in this object (an event that left
+    a large image out, or a record whose image was staged); `image_base64` is then "" and the
+    bytes must be read from the record (TaskStore does).
+    """
 
     task_id: int
     status: TaskStatus
@@ -65,6 +73,8 @@ class Task:
     error_message: str = ""
     version: int = 0
     updated_at: int = 0
+    image_omitted: bool = False
+    staged_image_bytes: int = 0  # from a record: the length of the raw image in its own key
 
     @property
     def is_terminal(self) -> bool:
@@ -96,18 +106,25 @@ class Task:
         """The same task with `image_base64` empty (itself when it already is)."""
         return replace(self, image_base64="") if self.image_base64 else self
 
+    def with_image_base64(self, image_base64: str) -> Task:
+        """The same task with its image filled in (for a task read with `image_omitted`)."""
+        return replace(self, image_base64=image_base64, image_omitted=False,
+                       staged_image_bytes=0)
+
     @classmethod
     def from_record(cls, task_id: int, record: Mapping[str, str | None]) -> Task:
         """Build from the hash fields; missing fields take the contract's defaults.
 
-        Plain-HSET producers may write only some fields, so absence is not corruption;
-        a field that is present but not of its type is.
+        Plain-HSET producers may write only some fields, so absence is not corruption; a field
+        that is present but garbled or out of range is (CorruptRecord), and so is a record
+        that breaks the contract's rules (`completed` below 100, the id of another task): the
+        gateway never serves one.
         """
 
         def text(name: str) -> str:
             return record.get(name) or ""
 
-        def integer(name: str) -> int:
+        def integer(name: str, low: int = 0, high: int = 2**63 - 1) -> int:
             raw = record.get(name)
             if raw is None:
                 return 0
@@ -115,7 +132,10 @@ class Task:
             # valid record is, or the gateway would show tasks no producer can update.
             if not _INTEGER.fullmatch(raw):
                 raise CorruptRecord(task_id, f"{name}={raw!r} is not an integer")
-            return int(raw)
+            value = int(raw)
+            if not low <= value <= high:
+                raise CorruptRecord(task_id, f"{name}={raw!r} is out of range {low}..{high}")
+            return value
 
         raw_status = record.get("status")
         if raw_status is None:
@@ -124,10 +144,16 @@ class Task:
             status = TaskStatus(raw_status)
         except ValueError:
             raise CorruptRecord(task_id, f"unknown status {raw_status!r}") from None
+        if record.get("task_id") is not None and integer("task_id") != task_id:
+            raise CorruptRecord(task_id, f"task_id={record.get('task_id')!r} names another task")
+        progress = integer("progress", 0, 100)
+        if status is TaskStatus.COMPLETED and progress != 100:
+            raise CorruptRecord(task_id, f"completed with progress {progress}")
+        image_bytes = integer("image_bytes", 0, MAX_IMAGE_BYTES)
         return cls(
             task_id=task_id,
             status=status,
-            progress=integer("progress"),
+            progress=progress,
             type=text("type"),
             angle=text("angle"),
             image_base64=text("image_base64"),
@@ -135,6 +161,8 @@ class Task:
             error_message=text("error_message"),
             version=integer("version"),
             updated_at=integer("updated_at"),
+            image_omitted=image_bytes > 0,
+            staged_image_bytes=image_bytes,
         )
 
     @classmethod
@@ -142,11 +170,14 @@ class Task:
         cls, task_id: int, fields: Sequence[str], values: Sequence[bytes | str | None]
     ) -> Task | None:
         """From an HMGET reply; None when no field exists (no record, or it expired)."""
-        record = {
-            name: value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-            for name, value in zip(fields, values, strict=True)
-            if value is not None
-        }
+        try:
+            record = {
+                name: value.decode() if isinstance(value, bytes) else value
+                for name, value in zip(fields, values, strict=True)
+                if value is not None
+            }
+        except UnicodeDecodeError as exc:
+            raise CorruptRecord(task_id, f"a field is not UTF-8 ({exc.reason})") from None
         return cls.from_record(task_id, record) if record else None
 
     @classmethod
@@ -169,6 +200,7 @@ class Task:
             error_message=str(data.get("error_message", "")),
             version=_as_int(data.get("version", 0)),
             updated_at=_as_int(data.get("updated_at", 0)),
+            image_omitted=data.get("image_base64_omitted") is True,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,8 @@ class TaskStore:
 
     Every read raises StoreUnavailable when Redis does not answer (within the client's
     timeout); a record that breaks the contract raises CorruptRecord from get() and is left
-    out of get_many().
+    out of get_many(). A staged image (record field `image_bytes`) is read from its own key
+    and base64-encoded here, so callers always get complete tasks.
     """
 
     def __init__(self, redis: aioredis.Redis, keys: TaskKeys) -> None:
@@ -42,7 +44,24 @@ class TaskStore:
             values = await self.redis.hmget(self.keys.record(task_id), fields)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
-        return Task.from_hmget(task_id, fields, values)
+        task = Task.from_hmget(task_id, fields, values)
+        if task is not None and task.image_omitted and include_image_base64:
+            task = await self._with_image(task)
+        return task
+
+    async def _with_image(self, task: Task) -> Task:
+        """The task with its staged image read and base64-encoded; raises CorruptRecord when
+        the image key is missing or not `image_bytes` long."""
+        try:
+            data = await self.redis.get(self.keys.image(task.task_id))
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"reading the image of task {task.task_id} failed: {exc}"
+                                   ) from exc
+        if not isinstance(data, bytes) or len(data) != task.staged_image_bytes:
+            got = "missing" if data is None else f"{len(data)} bytes"
+            raise CorruptRecord(task.task_id, f"its staged image is {got}, not "
+                                f"{task.staged_image_bytes} bytes")
+        return task.with_image_base64(base64.b64encode(data).decode("ascii"))
 
     async def _hmget_many(self, task_ids: list[int], fields: Sequence[str]) -> list[Any]:
         """HMGET of the same fields from several records in one round trip (no MULTI)."""
@@ -55,15 +74,41 @@ class TaskStore:
             raise StoreUnavailable(f"reading {len(task_ids)} tasks failed: {exc}") from exc
 
     async def get_many(self, task_ids: list[int]) -> dict[int, Task | None]:
-        """Several records in one round trip."""
+        """Several records in one round trip (two when some have staged images)."""
         replies = await self._hmget_many(task_ids, RECORD_FIELDS)
         tasks: dict[int, Task | None] = {}
+        staged: list[Task] = []
         for task_id, values in zip(task_ids, replies, strict=True):
             try:
-                tasks[task_id] = Task.from_hmget(task_id, RECORD_FIELDS, values)
+                task = tasks[task_id] = Task.from_hmget(task_id, RECORD_FIELDS, values)
             except CorruptRecord as exc:  # one bad record must not hide the others
                 logger.error("%s", exc)
+                continue
+            if task is not None and task.image_omitted:
+                staged.append(task)
+        # One at a time: on a cluster the image keys of different tasks are in different slots
+        # (one MGET would be refused), and a batch rarely holds more than one.
+        for task in staged:
+            try:
+                tasks[task.task_id] = await self._with_image(task)
+            except CorruptRecord as exc:
+                logger.error("%s", exc)
+                del tasks[task.task_id]
         return tasks
+
+    async def find_many(self, task_ids: list[int]) -> dict[int, Task | CorruptRecord | None]:
+        """Which of these tasks exist, in one pipelined read without image bytes: the task
+        (image left out), None without a record, or the CorruptRecord it raised. Raises
+        StoreUnavailable when Redis does not answer: never a wrong "not found"."""
+        replies = await self._hmget_many(task_ids, RECORD_FIELDS_WITHOUT_IMAGE_BASE64)
+        found: dict[int, Task | CorruptRecord | None] = {}
+        for task_id, values in zip(task_ids, replies, strict=True):
+            try:
+                found[task_id] = Task.from_hmget(task_id, RECORD_FIELDS_WITHOUT_IMAGE_BASE64,
+                                                 values)
+            except CorruptRecord as exc:
+                found[task_id] = exc
+        return found
 
     async def versions(self, task_ids: list[int]) -> dict[int, tuple[int, bool] | None]:
         """Only (version, finished) per record (None: no record; version -1: unreadable; a
@@ -88,3 +133,4 @@ class TaskStore:
             return bool(await self.redis.ping())
         except STORE_ERRORS:
             return False
+
