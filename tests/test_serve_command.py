@@ -12,7 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import clean_environ, free_port, kill, start_serve, wait_until_answering
+from tests.servers import (
+    clean_environ,
+    free_port,
+    kill,
+    start_serve,
+    wait_ready,
+    wait_until_answering,
+)
 
 MEMORY = ["--redis-url", "memory://"]
 STARTUP_BOUND_S = 20
@@ -42,12 +49,13 @@ async def test_serve_answers_on_memory_store_and_exits_0_on_sigterm(
 
             async with asyncio.timeout(10):
                 missing = await client.get("/tasks/1")
-                ready = await client.get("/readyz")
+                ready = await wait_ready(client)
             assert missing.status_code == 404
             assert missing.headers["content-type"] == "application/json"
             assert missing.json() == {"code": 404, "msg": "task not found", "data": None}
             assert ready.status_code == 200
-            assert ready.json() == {"code": 200, "msg": "ready", "data": {"redis": "ok"}}
+            assert ready.json() == {"code": 200, "msg": "ready",
+                                    "data": {"redis": "ok", "pubsub": "ok"}}
 
         process.send_signal(signal.SIGTERM)
         try:

@@ -33,8 +33,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -
             dest=spec.name,
             type=kind,
             default=None,
+            # argparse %-formats help texts: a literal "%" must be doubled.
             help=f"{spec.metadata.get('help', '')} (env TASKCAST_{spec.name.upper()}, "
-            f"default {spec.default!r})",
+            f"default {spec.default!r})".replace("%", "%%"),
         )
 
 
