@@ -51,6 +51,10 @@ ENVELOPE = {
 }
 
 
+LOOKUP_FAILED = ("Redis failed while the tasks were looked up, or a record is malformed "
+                 "(contract 8): never a wrong 404 or a stream")
+
+
 def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": schema or ENVELOPE}}}
@@ -95,6 +99,7 @@ EXTRA_PATHS: dict[str, Any] = {
                 **AUTH_RESPONSES,
                 "404": _json("task not found"),
                 "422": {"description": "malformed task id or flag"},
+                "500": _json(LOOKUP_FAILED),
             },
         }
     },
@@ -118,6 +123,7 @@ EXTRA_PATHS: dict[str, Any] = {
                 **AUTH_RESPONSES,
                 "404": _json("one of the tasks does not exist"),
                 "422": {"description": "missing, malformed or too many task ids"},
+                "500": _json(LOOKUP_FAILED),
             },
         }
     },
@@ -184,8 +190,14 @@ EXTRA_PATHS: dict[str, Any] = {
     },
     "/readyz": {
         "get": {
-            "summary": "Readiness: Redis answers PING",
-            "responses": {"200": _json("ready"), "503": _json("Redis unreachable")},
+            "summary": "Readiness: Redis answers PING, the pub/sub connection is up, and on a "
+                       "Redis Cluster `cluster_state` is ok",
+            "responses": {
+                "200": _json('ready: data {"redis":"ok","pubsub":"ok"} (and "cluster":"ok" '
+                             "on a Redis Cluster)"),
+                "503": _json('not ready; data names the failing part: "redis":"unavailable",'
+                             ' "pubsub":"disconnected" or "cluster":"fail"'),
+            },
         }
     },
     "/openapi.json": {

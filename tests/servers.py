@@ -148,6 +148,17 @@ async def run_gateway(settings: Settings, port: int | None = None, *, demo: bool
         sock.close()
 
 
+async def wait_ready(client: httpx.AsyncClient, bound_s: float = 15) -> httpx.Response:
+    """Poll /readyz until 200 (the pub/sub connection comes up a moment after start-up, or
+    after a Redis restart), within `bound_s`; returns that answer."""
+    async with asyncio.timeout(bound_s):
+        while True:
+            response = await client.get("/readyz")
+            if response.status_code == 200:
+                return response
+            await asyncio.sleep(0.05)
+
+
 def _bindable(port: int) -> bool:
     with socket.socket() as sock:
         try:

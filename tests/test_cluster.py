@@ -44,6 +44,7 @@ from tests.servers import (
     RedisServer,
     free_port,
     run_gateway,
+    wait_ready,
 )
 from tests.sse_client import (
     TERMINAL,
@@ -58,7 +59,7 @@ BOUND_S = 20.0  # one step: a connection, a subscription settling, a state arriv
 RUN_BOUND_S = 60.0  # a whole run, or waiting out a node failure
 TASKS_PER_NODE = 10
 CONTROL_CHANNEL = re.compile(r":gateway:\{control-\d+\}$")
-READY = {"code": 200, "msg": "ready", "data": {"redis": "ok"}}
+READY = {"code": 200, "msg": "ready", "data": {"redis": "ok", "pubsub": "ok", "cluster": "ok"}}
 NOT_READY = {"code": 503, "msg": "redis unavailable", "data": {"redis": "unavailable"}}
 NOT_FOUND = {"code": 404, "msg": "task not found", "data": None}
 
@@ -286,9 +287,7 @@ async def http(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     test_a_burst_of_subscriptions_on_a_cold_gateway_is_served).
     """
     async with httpx.AsyncClient(base_url=gateway.url, timeout=BOUND_S) as client:
-        async with asyncio.timeout(BOUND_S):
-            ready = await client.get("/readyz")
-        assert ready.status_code == 200, ready.text
+        ready = await wait_ready(client, BOUND_S)
         assert ready.json() == READY
         yield client
 
@@ -445,8 +444,8 @@ async def test_rest_and_readiness_work_in_cluster_mode(
             await producer.create(task_id=task_id, type="txt2img", angle="front")
             tasks[task_id] = await producer.progress(task_id, 40)
     async with run_gateway(cluster_settings(cluster, prefix)) as gateway, http(gateway) as client:
+        ready = await wait_ready(client, BOUND_S)
         async with asyncio.timeout(BOUND_S):
-            ready = await client.get("/readyz")
             found = {task_id: await client.get(f"/tasks/{task_id}") for task_id in existing}
             cached = {task_id: await client.get(f"/tasks/{task_id}",
                                                 headers={"If-None-Match": '"2"'})

@@ -577,8 +577,8 @@ async def test_concurrent_lookups_of_one_id_share_one_store_read(
     assert quitter.cancelled()
     assert tasks.reader.reads == reads + 2  # and nothing is cached for an unwatched task
 
-    assert await hub.lookup_many([1, 2, 1]) == [record, None, record]
-    assert tasks.reader.reads == reads + 4
+    # Existence checks (find_many) read the store for unwatched tasks, without images.
+    assert await hub.find_many([1, 2]) == {1: record.without_image_base64(), 2: None}
 
 
 async def test_a_watched_task_is_looked_up_from_memory(
@@ -592,7 +592,7 @@ async def test_a_watched_task_is_looked_up_from_memory(
     await turns()
     reads = tasks.reader.reads
     assert await hub.lookup(1) == newest
-    assert await hub.lookup_many([1, 1]) == [newest, newest]
+    assert await hub.find_many([1]) == {1: newest}  # the hub's state, image and all
     assert tasks.reader.reads == reads
 
 
@@ -622,8 +622,8 @@ async def test_lookup_raises_store_unavailable_to_every_caller(
     assert tasks.reader.reads == reads + 1
     with pytest.raises(StoreUnavailable):
         await hub.lookup(1)
-    [error] = await hub.lookup_many([1])
-    assert isinstance(error, StoreUnavailable)
+    with pytest.raises(StoreUnavailable):  # never a wrong "not found" (contract 8)
+        await hub.find_many([1])
 
     tasks.unreachable = False  # a failure is not remembered
     assert await hub.lookup(1) == record

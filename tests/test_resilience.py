@@ -18,7 +18,7 @@ import yaml
 from taskcast.connection import connect
 from taskcast.producer import Producer
 from taskcast.settings import Settings
-from tests.servers import Gateway, RedisServer, run_gateway
+from tests.servers import Gateway, RedisServer, run_gateway, wait_ready
 
 SEED = Path(__file__).parent / "data" / "task-status.openapi.yaml"
 SEED_RESPONSES = yaml.safe_load(SEED.read_text(encoding="utf-8"))["paths"]["/tasks/{task_id}"][
@@ -28,7 +28,7 @@ REDIS_TIMEOUT_S = 0.5
 # redis-py makes 3 attempts (retries=2), each up to a connect and a read timeout, plus backoff.
 PAUSED_BOUND_S = 6 * REDIS_TIMEOUT_S + 1.5
 INTERNAL_ERROR = {"code": 500, "msg": "internal server error", "data": None}
-READY = {"code": 200, "msg": "ready", "data": {"redis": "ok"}}
+READY = {"code": 200, "msg": "ready", "data": {"redis": "ok", "pubsub": "ok"}}
 NOT_READY = {"code": 503, "msg": "redis unavailable", "data": {"redis": "unavailable"}}
 
 
@@ -85,7 +85,7 @@ async def test_redis_down_gives_500_and_503_then_recovers_on_the_same_gateway(
     await create_task(own_redis, prefix, 41)
     async with gateway_on(own_redis, prefix) as (_, client):
         seed_shape(await get(client, "/tasks/41"), 200)
-        assert (await get(client, "/readyz")).json() == READY
+        assert (await wait_ready(client)).json() == READY
 
         own_redis.stop() if how == "stop" else own_redis.kill()
 
@@ -108,7 +108,7 @@ async def test_redis_down_gives_500_and_503_then_recovers_on_the_same_gateway(
         body = seed_shape(await get(client, "/tasks/41"), 200)
         assert body["data"]["task_id"] == 41
         assert body["data"]["status"] == "submitted"
-        assert (await get(client, "/readyz")).json() == READY
+        assert (await wait_ready(client)).json() == READY
         assert (await get(client, "/healthz")).status_code == 200
 
 
@@ -155,7 +155,7 @@ async def test_paused_redis_gives_500_within_the_redis_timeout_then_recovers(
 
         body = seed_shape(await get(client, "/tasks/9"), 200)
         assert body["data"]["task_id"] == 9
-        assert (await get(client, "/readyz")).json() == READY
+        assert (await wait_ready(client)).json() == READY
 
 
 async def test_healthz_answers_promptly_while_a_request_waits_on_a_paused_redis(

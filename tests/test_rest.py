@@ -24,7 +24,7 @@ from taskcast.keys import TaskKeys
 from taskcast.producer import Producer
 from taskcast.settings import Settings
 from taskcast.store import TaskStore
-from tests.servers import Gateway, RedisServer, free_port, run_gateway
+from tests.servers import Gateway, RedisServer, free_port, run_gateway, wait_ready
 
 SEED = Path(__file__).parent / "data" / "task-status.openapi.yaml"
 SEED_RESPONSES = yaml.safe_load(SEED.read_text(encoding="utf-8"))["paths"]["/tasks/{task_id}"][
@@ -524,6 +524,6 @@ async def test_healthz_answers_200(client: httpx.AsyncClient) -> None:
 
 
 async def test_readyz_answers_200_when_redis_answers(client: httpx.AsyncClient) -> None:
-    response = await client.get("/readyz")
-    assert response.status_code == 200
-    assert response.json() == {"code": 200, "msg": "ready", "data": {"redis": "ok"}}
+    response = await wait_ready(client)
+    assert response.json() == {"code": 200, "msg": "ready",
+                               "data": {"redis": "ok", "pubsub": "ok"}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,3 +82,16 @@ def test_serve_with_a_malformed_port_variable_exits_2_with_a_message(log_file: P
         assert "Traceback" not in log
     finally:
         kill(process, EXIT_BOUND_S)
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "token"])
+def test_help_of_every_command_prints(command: str) -> None:
+    """`taskcast serve --help` raised TypeError (a literal "%" in a setting's help text, which
+    argparse %-formats); every flag must appear in the help."""
+    result = subprocess.run([sys.executable, "-m", "taskcast", command, "--help"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "usage: taskcast" in result.stdout
+    if command != "token":
+        assert "--max-stream-s" in result.stdout and "90-100 %" in result.stdout
+        assert "--timeout-sweep-s" in result.stdout

@@ -523,10 +523,13 @@ async def test_redis_killed_and_restarted_mid_run_the_socket_still_gets_every_te
         assert await frames_before_pong(ws) == []  # the socket stayed open all along
 
 
-async def test_subscribing_while_redis_hangs_delivers_the_state_once_it_answers(
+async def test_subscribing_while_redis_hangs_is_an_error_500_then_works_once_it_answers(
     own_redis: RedisServer, prefix: str
 ) -> None:
-    """The lookup fails (StoreUnavailable); both sockets watch anyway and are served later."""
+    """Contract 8 (issue 12): the lookup fails (StoreUnavailable), so /ws answers an error
+    frame 500 for the ids and subscribes none of them (before: "subscribed" for tasks it
+    could not look up), and the per-task socket closes with 1011. The same /ws socket
+    subscribes normally once Redis answers again."""
     settings = Settings(redis_url=own_redis.url, prefix=prefix, resync_interval_s=0.5,
                         redis_ping_deadline_s=1.5, redis_timeout_s=0.5)
     async with producer_on(own_redis.url, prefix) as producer:
@@ -535,19 +538,20 @@ async def test_subscribing_while_redis_hangs_delivers_the_state_once_it_answers(
             own_redis.pause()
             try:
                 await send(many, {"op": "subscribe", "task_ids": [task.task_id]})
-                assert await recv(many) == {"type": "subscribed", "task_ids": [task.task_id]}
-                one = await ws_connect(gateway, f"/tasks/{task.task_id}/ws")
+                error = await recv(many)
+                assert (error["type"], error["code"], error["task_ids"]) == (
+                    "error", 500, [task.task_id])
+                async with ws_connect(gateway, f"/tasks/{task.task_id}/ws") as one:
+                    assert await close_code(one) == 1011
             finally:
                 own_redis.resume()
-            async with one:
-                for ws in (many, one):
-                    assert await recv(ws) == {"type": "task", "data": task.to_dict()}
-                final = (await drive(producer, task.task_id))[-1]
-                for ws in (many, one):
-                    tracker = Tracker()
-                    await tracker.until_terminal(ws, [task.task_id])
-                    assert tracker.terminal[task.task_id] == final.to_dict()
-                assert await close_code(one) == 1000
+            await send(many, {"op": "subscribe", "task_ids": [task.task_id]})
+            assert await recv(many) == {"type": "subscribed", "task_ids": [task.task_id]}
+            assert await recv(many) == {"type": "task", "data": task.to_dict()}
+            final = (await drive(producer, task.task_id))[-1]
+            tracker = Tracker()
+            await tracker.until_terminal(many, [task.task_id])
+            assert tracker.terminal[task.task_id] == final.to_dict()
 
 
 # -- graceful shutdown ----------------------------------------------------------------------

@@ -40,6 +40,7 @@ from taskcast.rest import get_task
 from taskcast.settings import Settings
 from taskcast.static import browser_client
 from taskcast.store import STORE_ERRORS, TaskStore
+from taskcast.timeouts import TimeoutSweeper
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         _report_support(support, metrics)
         app.state.settings = settings
         app.state.store = store
+        app.state.cluster = is_cluster_url(settings.redis_url)
         app.state.metrics = metrics
         app.state.hub = hub
         app.state.cors = cors
@@ -172,6 +174,11 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         connections = app.state.connections = Connections(hub, metrics, settings, gate)
         hub.start()
         connections.start()
+        sweeper = None
+        if settings.timeout_sweep_s > 0:
+            sweeper = TimeoutSweeper(redis, keys, metrics, sharded=app.state.cluster,
+                                     interval_s=settings.timeout_sweep_s)
+            sweeper.start()
         metrics_listener = metrics_server(settings, metrics)
         worker = None
         if demo:
@@ -190,6 +197,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
                 metrics_listener.server_close()
             if worker is not None:
                 await worker.close()
+            if sweeper is not None:
+                await sweeper.close()
             await connections.close()
             await hub.close()
             await redis.aclose()

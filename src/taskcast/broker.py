@@ -91,11 +91,18 @@ class RedisPubSubBroker:
         self._last_seen = time.monotonic()
         self._listener: BrokerListener | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._connected = False
 
     @property
     def subscription_count(self) -> int:
         """Channels wanted, the control channel not counted."""
         return len(self._desired)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the pub/sub connection is up: from Redis's confirmation of the control
+        channel until the connection is declared lost (for /readyz)."""
+        return self._connected
 
     @property
     def channels(self) -> set[str]:
@@ -151,6 +158,7 @@ class RedisPubSubBroker:
                 # Whatever redis-py raises, the one subscription of this process must live on.
                 logger.exception("Redis pub/sub connection failed unexpectedly; reconnecting")
             finally:
+                self._connected = False
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1):
                         await pubsub.aclose()
@@ -202,6 +210,7 @@ class RedisPubSubBroker:
                     listener.on_subscribed(task_id)
                 elif channel == self._control:
                     self._backoff.reset()
+                    self._connected = True
 
     async def _write(self, pubsub: Any) -> None:
         last_ping = 0.0

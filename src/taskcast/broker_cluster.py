@@ -112,6 +112,12 @@ class ShardedPubSubBroker:
         if name in self._nodes:
             self._nodes[name][0].remove_channel(channel)
 
+    @property
+    def connected(self) -> bool:
+        """Whether every node connection the subscriptions need is up (for /readyz); true
+        with no subscription, when no connection is needed."""
+        return all(broker.connected for broker, _ in self._nodes.values())
+
     def request_topology_refresh(self, channel: str | None = None) -> None:
         """Re-read the slot map soon (a node failed, or `channel`'s slot moved)."""
         self._refresh.set()

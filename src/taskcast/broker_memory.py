@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from taskcast.errors import StoreUnavailable
+from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.hub import BrokerListener
 from taskcast.models import Task
 
@@ -34,6 +34,11 @@ class MemoryBroker:
     def subscription_count(self) -> int:
         """Tasks subscribed."""
         return len(self.subscribed)
+
+    @property
+    def connected(self) -> bool:
+        """Always: this broker has no connection to lose."""
+        return True
 
     def start(self, listener: BrokerListener) -> None:
         """Report to `listener` from now on."""
@@ -104,6 +109,14 @@ class MemoryReader:
             task = self._tasks.records.get(task_id)
             found[task_id] = None if task is None else (task.version, task.is_terminal)
         return found
+
+    async def find_many(self, task_ids: list[int]) -> dict[int, Task | CorruptRecord | None]:
+        """hub.TaskReader.find_many; raises StoreUnavailable while `unreachable` is set."""
+        await asyncio.sleep(0)
+        self._check()
+        return {task_id: (task.without_image_base64() if task is not None else None)
+                for task_id in task_ids
+                for task in [self._tasks.records.get(task_id)]}
 
 
 class MemoryTasks:

@@ -36,7 +36,8 @@ Error frames (`{"type": "error", "code": ..., "msg": ...}`; the connection stays
                     Also a subscribed task whose record vanished (it is unsubscribed)
     405 UNKNOWN_OP  `op` is not subscribe, unsubscribe, auth or ping
     422 INVALID     `task_ids` missing, empty, or not non-negative int64s (pydantic-style `detail`)
-    500 INTERNAL    subscribe to tasks whose record breaks the contract (listed in `task_ids`)
+    500 INTERNAL    subscribe to tasks whose record breaks the contract, or while Redis does
+                    not answer (listed in `task_ids`; none of them is subscribed)
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
-from taskcast.errors import StoreUnavailable
+from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.metrics import Metrics
-from taskcast.models import Task
+from taskcast.models import Task, TaskStatus
 
 logger = logging.getLogger(__name__)
 _NO_TASKS: frozenset[int] = frozenset()
@@ -85,6 +85,10 @@ class Broker(Protocol):
     def subscription_count(self) -> int:
         """Channels wanted (subscribed, or to be once the connection allows): a gauge."""
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection(s) to the broker are up right now (for /readyz)."""
+
 
 class TaskReader(Protocol):
     """Reads task records. Every method raises StoreUnavailable when the store does not answer."""
@@ -98,6 +102,10 @@ class TaskReader(Protocol):
 
     async def versions(self, task_ids: list[int]) -> dict[int, tuple[int, bool] | None]:
         """(version, finished) per record, None without a record, version -1 if unreadable."""
+
+    async def find_many(self, task_ids: list[int]) -> dict[int, Task | CorruptRecord | None]:
+        """Which tasks exist, in one read without image bytes: the task (its image left out),
+        None without a record, or the CorruptRecord the record raised."""
 
 
 # -- one version of a task ----------------------------------------------------------------------
@@ -396,10 +404,37 @@ class Hub:
             pending.add_done_callback(functools.partial(self._lookup_done, task_id))
         return await asyncio.shield(pending)
 
-    async def lookup_many(self, task_ids: Sequence[int]) -> list[Task | BaseException | None]:
-        """lookup() of each id; a failed lookup gives its exception in place of the task."""
-        return list(await asyncio.gather(*(self.lookup(task_id) for task_id in task_ids),
-                                         return_exceptions=True))
+    async def find_many(self, task_ids: Sequence[int]
+                        ) -> dict[int, Task | CorruptRecord | None]:
+        """The current state of each task, for subscribing: the newest state the hub knows
+        for a watched task; for the others, existence first, in one pipelined read without
+        image bytes, then a whole read (lookup) of only the completed ones, whose image is
+        their state. None for a task without a record; CorruptRecord for a broken one.
+        Raises StoreUnavailable: never a wrong "not found" (contract 8)."""
+        found: dict[int, Task | CorruptRecord | None] = {}
+        unknown = []
+        for task_id in task_ids:
+            topic = self._topics.get(task_id)
+            if topic is not None and topic.state is not None:
+                found[task_id] = topic.state.task
+            else:
+                unknown.append(task_id)
+        if not unknown:
+            return found
+        read = await self.store.find_many(unknown)
+        found.update(read)
+        completed = [task_id for task_id, task in read.items()
+                     if isinstance(task, Task) and task.status is TaskStatus.COMPLETED]
+        if completed:
+            whole = await asyncio.gather(*(self.lookup(task_id) for task_id in completed),
+                                         return_exceptions=True)
+            for task_id, result in zip(completed, whole, strict=True):
+                if isinstance(result, StoreUnavailable):
+                    raise result
+                if isinstance(result, BaseException) and not isinstance(result, CorruptRecord):
+                    raise result
+                found[task_id] = result
+        return found
 
     async def _read(self, task_id: int) -> Task | None:
         task = await self.store.get(task_id)
@@ -429,6 +464,11 @@ class Hub:
         if task.task_id != task_id:
             self.metrics.events_malformed.inc()
             self.mark_dirty([task_id], "malformed")
+            return
+        if task.image_omitted:
+            # The event left a large image out (contract 3): read it from the record, once
+            # for every watcher in this process.
+            self.mark_dirty([task_id], "image")
             return
         self.accept(task)
 

@@ -87,6 +87,16 @@ class Metrics:
         self.redis_reconnects = Counter(
             "taskcast_redis_reconnects", "Pub/sub connections re-established", registry=r
         )
+        self.timed_out = Counter(
+            "taskcast_tasks_timed_out",
+            "Tasks this gateway failed because no change came within their timeout_s",
+            registry=r,
+        )
+        self.timeout_checks = Counter(
+            "taskcast_timeout_checks",
+            "Tasks the timeout sweep asked the update script about, by answer",
+            ["answer"], registry=r,
+        )
 
 
 class _DeliveryCollector(Collector):

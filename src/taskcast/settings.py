@@ -52,6 +52,10 @@ class Settings:
     redis_ping_deadline_s: float = field(
         default=5.0, metadata={"help": "pub/sub connection without any reply this long is rebuilt"}
     )
+    timeout_sweep_s: float = field(
+        default=5.0, metadata={"help": "how often this gateway fails tasks past their "
+                               "timeout_s (seconds; 0: never, leave it to other gateways)"}
+    )
     max_tasks_per_stream: int = field(
         default=1000, metadata={"help": "task ids one /events stream may watch"}
     )

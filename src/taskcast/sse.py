@@ -252,15 +252,14 @@ async def task_events(request: Request) -> Response:
     if refusal is not None:
         return refusal
     last_seen = _last_event_id(request)
-    try:
-        task = await conns.hub.lookup(task_id)
-        if task is None:
-            return not_found()
-    except StoreUnavailable:
-        task = None  # Hold the stream open: EventSource gives up for good on a non-200 answer.
-    if task is not None and last_seen > task.version:
+    # One read, image included (it is the first event). A Redis error propagates: a 500
+    # (contract 8), never a stream that pretends the task is there or not.
+    task = await conns.hub.lookup(task_id)
+    if task is None:
+        return not_found()
+    if last_seen > task.version:
         last_seen = 0  # not a version this task ever had: start from the current state
-    if task is not None and task.is_terminal and last_seen >= task.version:
+    if task.is_terminal and last_seen >= task.version:
         return Response(status_code=204)
     return EventStream(conns, [task_id], [task], include,  # type: ignore[return-value]
                        multi=False, last_seen=last_seen,
@@ -299,16 +298,17 @@ async def many_task_events(request: Request) -> Response:
         return refusal
     if request.headers.get("last-event-id") == STREAM_DONE_ID:
         return Response(status_code=204)
-    found: list[Task | None] = [None] * len(task_ids)
-    results = await conns.hub.lookup_many(task_ids)
-    for index, result in enumerate(results):
-        if isinstance(result, StoreUnavailable):
-            continue  # hold the stream open; the hub reads the records once Redis answers
-        if isinstance(result, BaseException):
+    # Existence in one pipelined read without images (Hub.find_many); a Redis error
+    # propagates: a 500 (contract 8).
+    results = await conns.hub.find_many(task_ids)
+    found: list[Task | None] = []
+    for task_id in task_ids:
+        result = results[task_id]
+        if isinstance(result, CorruptRecord):
             raise result
         if result is None:
             return not_found()
-        found[index] = result
+        found.append(result)
     return EventStream(conns, task_ids, found, include,  # type: ignore[return-value]
                        multi=True, expires_at=grant.expires_at if grant is not None else None)
 

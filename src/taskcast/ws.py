@@ -309,19 +309,23 @@ async def _subscribe(session: WsSession, task_ids: list[int]) -> None:
     new = [task_id for task_id in dict.fromkeys(task_ids) if task_id not in session.watching]
     if len(session.watching) + len(new) > limit:
         raise Abuse(CloseCode.TOO_MANY_SUBSCRIPTIONS, f"more than {limit} subscriptions")
-    found = await session.hub.lookup_many(new)
+    try:
+        # Existence in one pipelined read without images; the states follow from the hub.
+        found = await session.hub.find_many(new)
+    except StoreUnavailable as exc:
+        # Contract 8: an error frame 500, never a wrong "subscribed" or "not found".
+        logger.warning("subscribing to %d tasks: %s", len(new), exc)
+        session.error(ErrorCode.INTERNAL, "internal server error: the store is unavailable",
+                      task_ids=new)
+        return
     unknown, broken = [], []
-    current: dict[int, Task] = {}
-    for task_id, result in zip(new, found, strict=True):
-        if isinstance(result, Task):
-            current[task_id] = result
-        elif result is None:
+    for task_id in new:
+        result = found[task_id]
+        if result is None:
             unknown.append(task_id)
         elif isinstance(result, CorruptRecord):
+            logger.error("%s", result)
             broken.append(task_id)
-        elif not isinstance(result, StoreUnavailable):
-            raise result
-        # StoreUnavailable: watch anyway; the hub delivers once Redis answers again.
     if unknown:
         session.error(ErrorCode.NOT_FOUND, "task not found", task_ids=unknown)
     if broken:
@@ -329,7 +333,8 @@ async def _subscribe(session: WsSession, task_ids: list[int]) -> None:
     refused = set(unknown) | set(broken)
     session.reply({"type": "subscribed",
                    "task_ids": [task_id for task_id in task_ids if task_id not in refused]})
-    session.watch((task_id, current.get(task_id)) for task_id in new if task_id not in refused)
+    session.watch((task_id, task) for task_id in new if task_id not in refused
+                  for task in [found[task_id]] if isinstance(task, Task))
 
 
 async def _read_frames(session: WsSession, receive: Receive) -> None:
@@ -397,8 +402,11 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
             if current is None:
                 await refuse(send, CloseCode.TASK_NOT_FOUND, "task not found")
                 return
-        except StoreUnavailable:
-            pass  # keep the socket; the hub delivers once Redis answers again
+        except StoreUnavailable as exc:
+            # Contract 8: an error, never a socket that pretends the task is there or not.
+            logger.warning("%s: %s", scope["path"], exc)
+            await refuse(send, CloseCode.INTERNAL_ERROR, "internal server error")
+            return
         except CorruptRecord as exc:
             logger.error("%s", exc)
             await refuse(send, CloseCode.INTERNAL_ERROR, "task record is malformed")
