@@ -23,7 +23,7 @@
 #   -s SCRIPT    the Lua file (default: src/taskcast/lua/apply_change.lua of this repository)
 #   -d SECONDS   pause between steps (default 0.5)
 #   -u URL       image_url of the completed task (default https://cdn.example/<id>.png)
-#   -f FILE      also send this image file as image_base64
+#   -f FILE      also send this image file (as image_base64; staged above 48 KiB)
 #   -e MESSAGE   fail with this error_message instead of completing
 #   -r SECONDS   retention of the finished task (default 86400, 0 = forever)
 #
@@ -84,10 +84,12 @@ channel="$record:events"
 # or NOSCRIPT after a SCRIPT FLUSH or a failover: then load the script again and retry once).
 change() {
   local document=$1 reply
-  reply=$(printf '%s' "$document" | cli -x EVALSHA "$sha" 2 "$record" "$channel" 2>&1) || true
+  shift
+  local keys=("$record" "$channel" "$@")  # a staged image adds its upload and image keys
+  reply=$(printf '%s' "$document" | cli -x EVALSHA "$sha" "${#keys[@]}" "${keys[@]}" 2>&1) || true
   if [[ $reply == NOSCRIPT* ]]; then
     sha=$(cli SCRIPT LOAD "$(cat "$script")")
-    reply=$(printf '%s' "$document" | cli -x EVALSHA "$sha" 2 "$record" "$channel" 2>&1) || true
+    reply=$(printf '%s' "$document" | cli -x EVALSHA "$sha" "${#keys[@]}" "${keys[@]}" 2>&1) || true
   fi
   if [[ $reply != "{"* ]]; then
     echo "change refused: $reply" >&2
@@ -113,9 +115,21 @@ if [[ -n $error_message ]]; then
   change "{\"op\":\"update\",$common,\"status\":\"failed\",\"error_message\":$(json_string "$error_message")}"
 else
   image="\"image_url\":$(json_string "${image_url:-https://cdn.example/$task_id.png}")"
-  if [[ -n $image_file ]]; then
-    # base64 without line breaks (GNU base64 wraps at 76 columns; macOS base64 does not).
-    image+=",\"image_base64\":\"$(base64 < "$image_file" | tr -d '\n')\""
+  size=0
+  [[ -n $image_file ]] && size=$(wc -c < "$image_file")
+  if (( size > 49152 )); then
+    # Above 64 KiB of base64, stage the raw bytes: every byte passed to a script costs Redis
+    # time, while SET + the script's RENAME cost microseconds (README, "Large images").
+    upload="$record:upload:$$$RANDOM"
+    cli -x SET "$upload" < "$image_file" > /dev/null  # -x: stdin is the last argument
+    cli PEXPIRE "$upload" 120000 > /dev/null           # left behind if the change is refused
+    change "{\"op\":\"update\",$common,\"status\":\"completed\",$image,\"image_bytes\":$size}" \
+      "$upload" "$record:image"
+  else
+    if [[ -n $image_file ]]; then
+      # base64 without line breaks (GNU base64 wraps at 76 columns; macOS base64 does not).
+      image+=",\"image_base64\":\"$(base64 < "$image_file" | tr -d '\n')\""
+    fi
+    change "{\"op\":\"update\",$common,\"status\":\"completed\",$image}"
   fi
-  change "{\"op\":\"update\",$common,\"status\":\"completed\",$image}"
 fi

@@ -336,6 +336,20 @@ async def test_redis_cli_producer_completes_a_task_the_gateway_serves(
         served = await rest_task(gateway.url, 42)
     assert served["status"] == "completed" and served["version"] == 6
 
+    # A large image is staged (issue 12): the raw bytes go to P:task:{ID}:image, and the
+    # gateway serves them base64-encoded.
+    large = tmp_path / "large.png"
+    large.write_bytes(PNG_SIGNATURE + os.urandom(200_000))
+    staged = await spawn(*shell(redis_server, prefix, "-t", "43", "-d", "0", "-f", str(large)))
+    final = json.loads((await staged.succeeded()).splitlines()[-1])
+    assert (final["status"], final.get("image_base64_omitted")) == ("completed", True)
+    assert await redis.hget(TaskKeys(prefix).record(43), "image_bytes") == str(
+        large.stat().st_size).encode()
+    async with run_gateway(Settings(redis_url=redis_server.url, prefix=prefix)) as gateway:
+        served = await rest_task(gateway.url, 43)
+    assert base64.b64decode(served["image"]["image_base64"]) == large.read_bytes()
+    assert not [key async for key in redis.scan_iter(f"{prefix}:task:{{43}}:upload:*")]
+
     # The same id again: the script refuses the create, the example says so and exits 1.
     again = await spawn(*shell(redis_server, prefix, "-t", "42", "-d", "0"))
     assert await again.finish() == 1
