@@ -25,6 +25,9 @@ from taskcast.store import STORE_ERRORS
 logger = logging.getLogger(__name__)
 
 
+STALL_GRACE_S = 0.5  # how late a timed wake-up may be before the loop counts as stalled
+
+
 class HungConnection(Exception):
     """Redis accepted the connection but stopped answering PING (e.g. SIGSTOP, a dead link)."""
 
@@ -215,12 +218,17 @@ class RedisPubSubBroker:
     async def _write(self, pubsub: Any) -> None:
         last_ping = 0.0
         while True:
+            waited_from = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.ping_interval_s):
                     await self._wake.wait()
             self._wake.clear()
             now = time.monotonic()
-            if now - self._last_seen > self.ping_deadline_s:
+            # Woken late, the event loop itself was stalled (a burst of large frames): replies
+            # may be waiting unread in the socket. Judge Redis only after the reader has had
+            # its turn, or a healthy connection is rebuilt and every watched task re-read.
+            stalled = now - waited_from > self.ping_interval_s + STALL_GRACE_S
+            if not stalled and now - self._last_seen > self.ping_deadline_s:
                 raise HungConnection(f"no reply from Redis for {now - self._last_seen:.1f} s")
             connection = pubsub.connection
             if connection is None or not connection.is_connected:

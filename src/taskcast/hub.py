@@ -41,6 +41,7 @@ from taskcast.models import Task, TaskStatus
 
 logger = logging.getLogger(__name__)
 _NO_TASKS: frozenset[int] = frozenset()
+LARGE_IMAGE_BYTES = 65_536  # an image this big makes a task's frames costly to build
 
 
 # -- what the hub needs from the outside ------------------------------------------------------
@@ -550,6 +551,11 @@ class Hub:
             topic = self._topics.get(task_id)
             if task is not None:
                 self.accept(task)
+                if len(task.image_base64) > LARGE_IMAGE_BYTES:
+                    # Its frames (megabytes each) were just encoded and written: let the
+                    # rest of the process run before the next, or a burst of completions
+                    # with large images freezes the loop for seconds.
+                    await asyncio.sleep(0)
             elif topic is not None:
                 topic.state = None  # gone: a lookup must read the store, not this
                 for watcher in tuple(topic.watchers):
