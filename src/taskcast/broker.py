@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from taskcast.aio import cancel_and_wait
 from taskcast.hub import BrokerListener
 from taskcast.keys import TaskKeys
 from taskcast.store import STORE_ERRORS
@@ -121,9 +122,7 @@ class RedisPubSubBroker:
         """Stop the connection task and close the pub/sub connection; no listener call
         follows. The Redis client is the caller's to close."""
         if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await cancel_and_wait(self._runner)
 
     def subscribe(self, task_id: int) -> None:
         """hub.Broker.subscribe: add_channel of the task's channel."""

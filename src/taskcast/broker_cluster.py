@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from taskcast.aio import cancel_and_wait
 from taskcast.broker import RedisPubSubBroker
 from taskcast.hub import BrokerListener
 from taskcast.keys import TaskKeys
@@ -91,9 +92,7 @@ class ShardedPubSubBroker:
     async def close(self) -> None:
         """Stop that task and every node's broker and client; no listener call follows."""
         if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+            await cancel_and_wait(self._runner)
         for name in list(self._nodes):
             await self._drop_node(name)
 

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
+from taskcast.aio import cancel_and_wait
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.metrics import Metrics
 from taskcast.models import Task, TaskStatus
@@ -345,8 +346,7 @@ class Hub:
         """Stop re-reading and close the broker: no event or re-read reaches a watcher after
         this (lookup still reads the store). Watchers are not told."""
         for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(task)
         await self.broker.close()
 
     # -- watchers -----------------------------------------------------------------------------

@@ -208,10 +208,13 @@ class Producer:
                                  f"taken: is {self._changes.keys.id_counter} behind?")
 
     async def _create(self, task_id: int, fields: dict[str, Any]) -> Task:
-        # Indexed before it exists, so that no crash between the two leaves a task that
-        # never times out; an index entry without a record is dropped by the sweep.
+        # Indexed before it exists, so that a crash between the two cannot leave a task that
+        # never times out (an entry without a record is dropped by the sweep), and again
+        # after, because a sweep in between may have dropped the entry as such.
         await self._index_timeout(task_id, fields.get("timeout_s"))
-        return await self._call("create", task_id, fields)
+        task = await self._call("create", task_id, fields)
+        await self._index_timeout(task_id, fields.get("timeout_s"))
+        return task
 
     async def get(self, task_id: int) -> Task:
         """The current record; raises TaskNotFound when there is none."""
@@ -254,7 +257,7 @@ class Producer:
             if task.is_terminal:
                 await self._unindex_timeout(task_id)
             elif fields.get("timeout_s") is not None:
-                await self._index_timeout(task_id, fields["timeout_s"], lower_only=True)
+                await self._index_timeout(task_id, fields["timeout_s"])
             return task
 
     # -- internals
@@ -264,12 +267,12 @@ class Producer:
             self._turns = asyncio.Semaphore(self._max_concurrency)
         return _Turn(self._turns, self.wait_s)
 
-    async def _index_timeout(self, task_id: int, timeout_s: int | None, *,
-                             lower_only: bool = False) -> None:
+    async def _index_timeout(self, task_id: int, timeout_s: int | None) -> None:
+        # LT: an entry is only ever moved earlier (a hint may be early, never late), so a
+        # create that finds its id taken cannot postpone the other task's timeout.
         key = self._changes.keys.timeouts_of(task_id)
         try:
-            await self.redis.zadd(key, {str(task_id): _Changes.timeout_hint(timeout_s)},
-                                  lt=lower_only)
+            await self.redis.zadd(key, {str(task_id): _Changes.timeout_hint(timeout_s)}, lt=True)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"indexing task {task_id} for timeouts failed: {exc}"
                                    ) from exc
@@ -394,8 +397,10 @@ class SyncProducer:
                                  f"taken: is {self._changes.keys.id_counter} behind?")
 
     def _create(self, task_id: int, fields: dict[str, Any]) -> Task:
-        self._index_timeout(task_id, fields.get("timeout_s"))  # first: see Producer._create
-        return self._call("create", task_id, fields)
+        self._index_timeout(task_id, fields.get("timeout_s"))  # before and after: see Producer
+        task = self._call("create", task_id, fields)
+        self._index_timeout(task_id, fields.get("timeout_s"))
+        return task
 
     def progress(
         self, task_id: int, progress: int, *, status: TaskStatus = TaskStatus.PROCESSING,
@@ -426,7 +431,7 @@ class SyncProducer:
             with contextlib.suppress(*STORE_ERRORS):
                 self.redis.zrem(self._changes.keys.timeouts_of(task_id), str(task_id))
         elif fields.get("timeout_s") is not None:
-            self._index_timeout(task_id, fields["timeout_s"], lower_only=True)
+            self._index_timeout(task_id, fields["timeout_s"])
         return task
 
     def get(self, task_id: int) -> Task:
@@ -446,11 +451,10 @@ class SyncProducer:
             raise TaskNotFound(task_id)
         return task
 
-    def _index_timeout(self, task_id: int, timeout_s: int | None, *,
-                       lower_only: bool = False) -> None:
-        try:
+    def _index_timeout(self, task_id: int, timeout_s: int | None) -> None:
+        try:  # LT: see Producer._index_timeout
             self.redis.zadd(self._changes.keys.timeouts_of(task_id),
-                            {str(task_id): _Changes.timeout_hint(timeout_s)}, lt=lower_only)
+                            {str(task_id): _Changes.timeout_hint(timeout_s)}, lt=True)
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"indexing task {task_id} for timeouts failed: {exc}"
                                    ) from exc

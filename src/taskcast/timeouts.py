@@ -14,7 +14,6 @@ producer's newer hint (a shorter `timeout_s`) that arrived meanwhile.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import orjson
 from redis.exceptions import ResponseError
 
+from taskcast.aio import cancel_and_wait
 from taskcast.keys import TIMEOUT_BUCKETS, TaskKeys
 from taskcast.metrics import Metrics
 from taskcast.script import script_source
@@ -62,20 +62,22 @@ class TimeoutSweeper:
         self._script = redis.register_script(script_source())
         self._rescore = redis.register_script(_RESCORE)
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         """Sweep in the background until close()."""
         self._task = asyncio.create_task(self._run(), name="taskcast-timeouts")
 
     async def close(self) -> None:
-        """Stop sweeping (a sweep under way is cancelled between two script calls at most)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop sweeping: the sweep under way is cancelled, in whatever Redis call it is."""
+        self._closing = True
+        task = self._task
+        if task is None:
+            return
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             # Jittered, so that gateways started together do not sweep in lockstep.
             await asyncio.sleep(self.interval_s * random.uniform(0.8, 1.0))
             try:
