@@ -154,7 +154,8 @@ EXTRA_PATHS: dict[str, Any] = {
         "get": {
             "summary": "WebSocket: one task's states (upgrade)",
             "description": ("Task frames only; close 1000 after the terminal state, 4404 for an "
-                            "unknown task, 4422 for a malformed id, 1012 and 1013 as on /ws; "
+                            "unknown task, 4422 for a malformed id, 1011 when Redis fails "
+                            "while the task is looked up (contract 8), 1012 and 1013 as on /ws; "
                             "with access control on, "
                             "4401 for a missing, invalid or expired token and 4403 for a "
                             "token that does not name the task (after the upgrade: browsers "

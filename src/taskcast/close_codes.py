@@ -6,7 +6,8 @@ Close codes (the connection ends):
     1009 MESSAGE_TOO_BIG         a client message over ws_max_frame_bytes (closed by the
                                  connection, websocket_protocol.py or uvicorn's, not ws.py)
     1011 INTERNAL_ERROR          a bug on our side, a per-task socket's record that breaks the
-                                 contract, or no pong within ws_ping_timeout_s; reconnect
+                                 contract or a Redis error while it is looked up (contract 8),
+                                 or no pong within ws_ping_timeout_s; reconnect
     1012 SERVICE_RESTART         graceful shutdown; reconnect, maybe to another replica
     1012 also                    the socket reached TASKCAST_MAX_STREAM_S: reconnect
     1013 TRY_AGAIN_LATER         the process is at TASKCAST_MAX_CONNECTIONS (busy.py): try
