@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from taskcast.connection import connect
 from taskcast.producer import Producer
 from taskcast.settings import Settings
 from tests.servers import Gateway, RedisServer, run_gateway
+from tests.test_update_script import ScriptStore
 
 _prefixes = itertools.count()
 
@@ -60,3 +63,26 @@ async def producer(redis: aioredis.Redis, prefix: str) -> Producer:
 async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
     async with run_gateway(settings) as running:
         yield running
+
+
+@pytest.fixture(params=["redis-server", "memory"])
+async def store(request: pytest.FixtureRequest, redis_server: RedisServer, prefix: str
+                ) -> AsyncIterator[ScriptStore]:
+    """The shipped update script on a real redis-server and on the embedded `memory://` store
+    (both must run it identically); test_update_script.py and test_script_limits.py."""
+    if request.param == "redis-server":
+        client = connect(redis_server.url)
+    else:
+        client = connect(f"memory://update-script-{uuid.uuid4().hex}")
+    yield ScriptStore(client, prefix)
+    async with asyncio.timeout(10):
+        await client.aclose()
+
+
+@pytest.fixture
+async def real_store(redis_server: RedisServer, prefix: str) -> AsyncIterator[ScriptStore]:
+    """The update script on the real redis-server only (cases too large for `memory://`)."""
+    client = connect(redis_server.url)
+    yield ScriptStore(client, prefix)
+    async with asyncio.timeout(10):
+        await client.aclose()

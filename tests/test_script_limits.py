@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,27 +46,6 @@ INLINE_EVENT_IMAGE = 65_536
 BACKSTOP_S = 86_400
 DEFAULT_TIMEOUT_S = 3_600
 DEFAULT_RETENTION_S = 86_400
-
-
-@pytest.fixture(params=["redis-server", "memory"])
-async def store(
-    request: pytest.FixtureRequest, redis_server: RedisServer, prefix: str
-) -> AsyncIterator[ScriptStore]:
-    if request.param == "redis-server":
-        client = connect(redis_server.url)
-    else:
-        client = connect(f"memory://script-limits-{uuid.uuid4().hex}")
-    yield ScriptStore(client, prefix)
-    async with asyncio.timeout(TIMEOUT):
-        await client.aclose()
-
-
-@pytest.fixture
-async def real_store(redis_server: RedisServer, prefix: str) -> AsyncIterator[ScriptStore]:
-    client = connect(redis_server.url)
-    yield ScriptStore(client, prefix)
-    async with asyncio.timeout(TIMEOUT):
-        await client.aclose()
 
 
 def create(**fields: Any) -> dict[str, Any]:

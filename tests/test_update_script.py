@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
-from taskcast.connection import connect, connect_sync
+from taskcast.connection import connect_sync
 from taskcast.keys import TaskKeys
 from taskcast.script import script_source
 from tests.channels import SENTINEL, Published, subscribed
@@ -120,27 +120,6 @@ class ScriptStore:
     def events(self, *task_ids: int | str) -> AbstractAsyncContextManager[Published]:
         channels = list(dict.fromkeys(self.script_keys(task_id)[1] for task_id in task_ids))
         return subscribed(self.client, channels, TIMEOUT)
-
-
-@pytest.fixture(params=["redis-server", "memory"])
-async def store(
-    request: pytest.FixtureRequest, redis_server: RedisServer, prefix: str
-) -> AsyncIterator[ScriptStore]:
-    if request.param == "redis-server":
-        client = connect(redis_server.url)
-    else:
-        client = connect(f"memory://update-script-{uuid.uuid4().hex}")
-    yield ScriptStore(client, prefix)
-    async with asyncio.timeout(TIMEOUT):
-        await client.aclose()
-
-
-@pytest.fixture
-async def real_store(redis_server: RedisServer, prefix: str) -> AsyncIterator[ScriptStore]:
-    client = connect(redis_server.url)
-    yield ScriptStore(client, prefix)
-    async with asyncio.timeout(TIMEOUT):
-        await client.aclose()
 
 
 # --------------------------------------------------------------------------------------------
