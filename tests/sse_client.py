@@ -242,16 +242,21 @@ def stream_problems(
     problems: list[str] = []
     if t.status != 200:
         return [f"status {t.status}: {t.body[:200]!r}"]
-    if not t.frames or t.frames[0].retry is None:
-        problems.append("the stream does not start with a retry: line")
-    elif retry_ms is not None and t.frames[0].retry != retry_ms:
-        problems.append(f"retry {t.frames[0].retry} != {retry_ms}")
+    # The `retry:` hint rides in the first event (issue 13): never a block without data,
+    # which generic parsers (httpx-sse) hand out as an event with empty data.
+    events = [frame for frame in t.frames if frame.data_lines]
+    if events and events[0].retry is None:
+        problems.append("the first event carries no retry: line")
+    elif events and retry_ms is not None and events[0].retry != retry_ms:
+        problems.append(f"retry {events[0].retry} != {retry_ms}")
+    problems += [f"frame {index}: a retry: block without data" for index, frame
+                 in enumerate(t.frames) if frame.retry is not None and not frame.data_lines]
     finished: set[int] = set()
     last_version: dict[int, int] = {}
     for index, frame in enumerate(t.frames):
         if frame.other:
             problems.append(f"frame {index}: unexpected lines {frame.other}")
-        if frame.is_keepalive or (frame.retry is not None and not frame.data_lines):
+        if frame.is_keepalive:
             continue
         if not frame.is_task:
             if multi and frame.event == "end" and index == len(t.frames) - 1:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from httpx_sse import aconnect_sse
 
 from taskcast.keys import TaskKeys
 from taskcast.producer import Producer
@@ -77,7 +79,7 @@ async def test_finished_task_sends_its_final_state_and_the_stream_ends(
 
     assert stream_problems(transcript, [task.task_id]) == []
     assert_sse_headers(transcript.headers)
-    assert transcript.frames[0].retry == 2000 and not transcript.frames[0].data_lines
+    assert transcript.frames[0].retry == 2000 and transcript.frames[0].data_lines  # one block
     assert transcript.tasks() == [{
         "task_id": task.task_id, "status": "completed", "progress": 100, "type": "txt2img",
         "angle": "front",
@@ -461,3 +463,37 @@ async def test_open_connections_metric_follows_open_streams(
     response = await get(client, "/metrics")
     assert (metric(response.text, "taskcast_messages_delivered_total", transport="sse")
             or 0) >= 3 * 3
+
+
+async def test_the_plain_httpx_sse_loop_gets_only_events_with_data(
+    client: httpx.AsyncClient, producer: Producer
+) -> None:
+    """Issue 13: every stream began with a `retry:`-only block, which httpx-sse (like other
+    generic parsers) yields as an event with empty data, so `json.loads(event.data)` failed
+    on the first event. The hint now rides in the first event. Checked on a fresh connect, on
+    /events, and on a reconnect whose Last-Event-ID is the current version (keep-alives and
+    nothing else until the next change)."""
+    task = await producer.create(type="txt2img", angle="front")
+    await producer.progress(task.task_id, 30)
+
+    async def states(path: str, headers: dict[str, str] | None = None,
+                     until: int = 3) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(BOUND_S), aconnect_sse(
+                client, "GET", path, headers=dict(headers or {})) as source:
+            async for event in source.aiter_sse():
+                if event.event == "end":
+                    break
+                got.append(json.loads(event.data))  # what failed on the retry-only block
+                if got[-1]["version"] >= until:
+                    break
+        return got
+
+    fresh = await states(f"/tasks/{task.task_id}/events", until=2)
+    many = await states(f"/events?task_id={task.task_id}", until=2)
+    assert [s["version"] for s in fresh] == [s["version"] for s in many] == [2]
+    resumed = asyncio.create_task(states(f"/tasks/{task.task_id}/events",
+                                         headers={"Last-Event-ID": "2"}))
+    await asyncio.sleep(0.3)  # connected, with nothing to send yet
+    done = await producer.complete(task.task_id, image_url="https://cdn.example/x.png")
+    assert [s["version"] for s in await resumed] == [done.version]

@@ -75,7 +75,7 @@ class SseSession(Session):
     keepalive = KEEPALIVE
     drop_finished = False
 
-    __slots__ = ("_asgi_send", "_link", "_task", "_multi", "_event", "_chunk")
+    __slots__ = ("_asgi_send", "_link", "_task", "_multi", "_event", "_chunk", "_retry")
 
     def __init__(self, conns: Connections, include_image_base64: bool, send: Send,
                  link: server.HttpLink | None, multi: bool) -> None:
@@ -85,23 +85,41 @@ class SseSession(Session):
         self._task = asyncio.current_task()
         self._multi = multi  # a multi-task stream ends with `event: end`
         self._event, self._chunk = EVENT[include_image_base64], CHUNK[include_image_base64]
+        # The reconnect hint rides in the first event's block: a block of its own (no data)
+        # is an empty event to generic parsers such as httpx-sse's.
+        self._retry: bytes | None = b"retry: %d\n" % conns.settings.sse_retry_ms
 
     def _payload(self, item: Item) -> bytes:
-        return item if isinstance(item, bytes) else item.encoded(self._event)
+        if isinstance(item, bytes):
+            return item
+        if self._retry is not None:
+            hint, self._retry = self._retry, None
+            return hint + item.encoded(self._event)
+        return item.encoded(self._event)
 
     def _writable(self) -> bool:
         return self._link is not None and self._link.writable
 
     def _write_state(self, state: TaskState) -> bool:
         link = self._link
+        if self._retry is not None:
+            return False  # the first event carries the hint: not the shared bytes alone
         return link is not None and link.write_if_idle(state.encoded(self._chunk))
 
     def _write_now(self, items: list[Item]) -> bool:
         link = self._link
         if link is None or not link.writable:
             return False
-        link.write([server.http_chunk(item) if isinstance(item, bytes) else item.encoded(
-            self._chunk) for item in items])
+        chunks = []
+        for item in items:
+            if isinstance(item, bytes):
+                chunks.append(server.http_chunk(item))
+                continue
+            if self._retry is not None:
+                chunks.append(server.http_chunk(self._retry))  # same event block, next chunk
+                self._retry = None
+            chunks.append(item.encoded(self._chunk))
+        link.write(chunks)
         return True
 
     async def _send(self, items: list[Item]) -> None:
@@ -187,9 +205,10 @@ class EventStream:
         self.last_seen = last_seen
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """200 with the SSE headers (and CORS ones), then the retry hint and the session's
-        events until it ends or the client leaves; a HEAD gets the headers only. A client
-        that went away ends it quietly; the session is released on every way out."""
+        """200 with the SSE headers (and CORS ones), then the session's events (the first
+        carries the `retry:` hint) until it ends or the client leaves; a HEAD gets the
+        headers only. A client that went away ends it quietly; the session is released on
+        every way out."""
         cors: CorsPolicy | None = scope["app"].state.cors
         headers = HEADERS + (await cors.response_headers(scope) if cors else [])
         if scope["method"] == "HEAD":  # headers only: a HEAD must not open a stream
@@ -209,11 +228,7 @@ class EventStream:
                     _until_disconnect(receive, session))
             if self.expires_at is not None:
                 session.expire_at(self.expires_at)
-            # The retry hint goes out with the first state, in one write.
-            session.send_control(b"retry: %d\n\n" % self.conns.settings.sse_retry_ms,
-                                 now=False)
             session.watch(zip(self.task_ids, self.current, strict=True), self.last_seen)
-            session.flush()  # no state yet (e.g. Redis is down): the hint goes alone
             await session.pump()
         except OSError:
             pass  # the client went away (servers on ASGI 2.4 raise on a send after that)
