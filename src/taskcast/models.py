@@ -6,6 +6,7 @@ envelope in responses.py."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -101,6 +102,11 @@ class Task:
     def to_json(self, *, include_image_base64: bool = True) -> bytes:
         """to_dict() as compact UTF-8 JSON: the bytes every transport sends."""
         return orjson.dumps(self.to_dict(include_image_base64=include_image_base64))
+
+    def image_data(self) -> bytes | None:
+        """The image's bytes, decoded from `image_base64`; None when it is empty (no image, an
+        `image_url` only, or a watch with image_base64=False)."""
+        return base64.b64decode(self.image_base64) if self.image_base64 else None
 
     def without_image_base64(self) -> Task:
         """The same task with `image_base64` empty (itself when it already is)."""
