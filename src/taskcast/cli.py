@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 
+from taskcast import watch_cli
 from taskcast.errors import TaskcastError
 from taskcast.settings import Settings
 
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--claim", action="append", default=[], metavar="NAME=JSON",
                        help="an extra claim, e.g. --claim sub='\"user-7\"'")
     _add_settings_flags(issue, ["jwt_audience", "jwt_issuer"])
+
+    watch_cli.add_parser(commands)
     return parser
 
 
@@ -99,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return the exit status: 0 done, 1 a task command refused or
     failed, 2 unusable settings (argparse exits with 2 itself on unknown flags)."""
     args = build_parser().parse_args(argv)
+    if args.command == "watch":  # a client of a gateway: no server settings
+        return watch_cli.run(args)
     overrides = {spec.name: getattr(args, spec.name, None) for spec in fields(Settings)}
     try:
         settings = Settings.from_env(**overrides)
