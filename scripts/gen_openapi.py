@@ -78,10 +78,12 @@ LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "required": False,
                  "description": "sent by EventSource on reconnect: the last version it got",
                  "schema": {"type": "string"}}
 SSE_BODY = {"text/event-stream": {"schema": {"type": "string", "description": (
-    "`retry: <ms>` first; then one event per task state: `id: <version>` and "
-    "`data: <task object JSON>` (no event name, so EventSource.onmessage gets it); "
-    "`: keep-alive` comments while quiet. The current state comes first, then only newer "
-    "versions; the terminal state always comes last, then the stream ends. The response "
+    "One event per task state: `id: <version>` and `data: <task object JSON>` (no event "
+    "name, so EventSource.onmessage gets it); the first event also carries `retry: <ms>`. "
+    "`: keep-alive` comment lines while quiet, with no blank line after them (no block "
+    "without data, which generic parsers would hand out as an empty event). The current "
+    "state comes first, then only newer versions; the terminal state always comes last, "
+    "then the stream ends. The response "
     "says `Connection: close`: the server closes the connection itself soon after the end "
     "(at most about 1 s), so a client must not send another request on it.")}}}
 

@@ -65,10 +65,13 @@ async def iter_frames(response: httpx.Response) -> AsyncIterator[Frame]:
                 yield frame
             frame, started = Frame(), False
             continue
-        started = True
         if line.startswith(":"):
+            if not started:  # a comment line on its own (a keep-alive): a frame of its own
+                yield Frame(comments=[line[1:].removeprefix(" ")])
+                continue
             frame.comments.append(line[1:].removeprefix(" "))
             continue
+        started = True
         name, colon, value = line.partition(":")
         value = value.removeprefix(" ") if colon else ""
         if name == "data":

@@ -497,3 +497,30 @@ async def test_the_plain_httpx_sse_loop_gets_only_events_with_data(
     await asyncio.sleep(0.3)  # connected, with nothing to send yet
     done = await producer.complete(task.task_id, image_url="https://cdn.example/x.png")
     assert [s["version"] for s in await resumed] == [done.version]
+
+
+async def test_keep_alives_between_events_are_no_events_to_httpx_sse(
+    settings: Settings, producer: Producer
+) -> None:
+    """Issue 13: a keep-alive sent as a comment-only block after an event reaches httpx-sse as
+    an event with empty data (it keeps the last event id), so the plain loop broke after the
+    first quiet spell. Keep-alives are now comment lines that do not end a block."""
+    task = await producer.create(type="txt2img", angle="front")
+    quick = settings.with_changes(sse_keepalive_s=0.05)
+    async with run_gateway(quick) as gw, httpx.AsyncClient(base_url=gw.url) as http:
+        got: list[int] = []
+
+        async def follow() -> None:
+            async with asyncio.timeout(BOUND_S), aconnect_sse(
+                    http, "GET", f"/tasks/{task.task_id}/events") as source:
+                async for event in source.aiter_sse():
+                    got.append(json.loads(event.data)["version"])  # failed on "" before
+
+        following = asyncio.create_task(follow())
+        for progress in (30, 60):
+            await asyncio.sleep(0.4)  # several keep-alives in between
+            await producer.progress(task.task_id, progress)
+        await asyncio.sleep(0.4)
+        done = await producer.complete(task.task_id, image_url="https://cdn.example/x.png")
+        await following
+    assert got == [1, 2, 3, done.version]

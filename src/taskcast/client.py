@@ -113,8 +113,11 @@ class AsyncClient:
         self.max_backoff_s = max_backoff_s
         self.give_up_after_s = give_up_after_s
         self._own_http = http is None
-        self._http = http or httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, read=None))
+        # Reads are bounded too (a gateway that accepts and never answers is unreachable);
+        # the SSE stream lifts the read bound once its headers have come (_sse).
+        self._timeout_s = timeout_s
+        self._http = http or httpx.AsyncClient(base_url=self.base_url,
+                                               timeout=httpx.Timeout(timeout_s))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -250,8 +253,18 @@ class AsyncClient:
         retry_s: float | None = None
         got_first = connected = False
         try:
-            async with aconnect_sse(self._http, "GET", "/events", params=params,
-                                    headers=await self._headers()) as source:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    # Connect and headers within first_event_timeout_s: a proxy that holds
+                    # the whole response back counts as blocking SSE. Then reads are unbounded
+                    # (keep-alives and states come when they come).
+                    async with asyncio.timeout(self.first_event_timeout_s):
+                        source = await stack.enter_async_context(aconnect_sse(
+                            self._http, "GET", "/events", params=params,
+                            headers=await self._headers(),
+                            timeout=httpx.Timeout(self._timeout_s, read=None)))
+                except TimeoutError:
+                    raise _Blocked("no answer to the stream request in time") from None
                 if source.response.status_code == 404:
                     raise TaskNotFound(await self._which_is_unknown(task_ids))
                 _check_http(source.response, task_ids, streaming=True)
@@ -274,6 +287,8 @@ class AsyncClient:
                     if event.retry is not None:
                         retry_s = event.retry / 1000
                     if event.event in ("", "message"):
+                        if not event.data:
+                            continue  # a comment-only block, as some parsers hand them out
                         got_first = True
                         yield _task(orjson.loads(event.data))
                     elif event.event == "end":

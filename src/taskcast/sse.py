@@ -36,7 +36,11 @@ from taskcast.rest import image_base64_flag
 
 logger = logging.getLogger(__name__)
 
-KEEPALIVE = ServerSentEvent(comment="keep-alive", sep="\n").encode()
+# A comment line without the blank line that would end a block: EventSource ignores comment
+# lines either way, but a generic parser (httpx-sse) turns a comment-only block after an event
+# into an event with empty data (it keeps the last id), which breaks `json.loads(event.data)`.
+# The comment still moves bytes, which is all a keep-alive is for.
+KEEPALIVE = b": keep-alive\n"
 # The id of the closing event of a multi-task stream: a reconnect that carries it gets 204.
 STREAM_DONE_ID = "done"
 STREAM_END = ServerSentEvent(data="{}", event="end", id=STREAM_DONE_ID, sep="\n").encode()
