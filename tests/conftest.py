@@ -13,6 +13,8 @@ from taskcast.connection import connect
 from taskcast.producer import Producer
 from taskcast.settings import Settings
 from tests.servers import Gateway, RedisServer, run_gateway
+from tests.test_examples import ROOT as EXAMPLES_ROOT
+from tests.test_examples import Example, Spawn, example_env
 from tests.test_update_script import ScriptStore
 
 _prefixes = itertools.count()
@@ -86,3 +88,27 @@ async def real_store(redis_server: RedisServer, prefix: str) -> AsyncIterator[Sc
     yield ScriptStore(client, prefix)
     async with asyncio.timeout(10):
         await client.aclose()
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """Starts examples (with extra environment variables, in another directory, if given);
+    whatever is still running at the end of the test is killed. test_examples.py and
+    test_client_examples.py."""
+    running: list[Example] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None,
+                    cwd: Path = EXAMPLES_ROOT) -> Example:
+        process = await asyncio.create_subprocess_exec(
+            *args, cwd=cwd, env={**example_env(), **(env or {})},
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        example = Example(Path(args[1]).name if len(args) > 1 else args[0], process)
+        running.append(example)
+        return example
+
+    try:
+        yield start
+    finally:
+        for example in running:
+            await example.kill()

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,33 +28,9 @@ from taskcast.settings import Settings
 from taskcast.tokens import issue
 from tests.servers import Gateway, RedisServer, free_port, run_gateway
 from tests.sse_client import wait_for_metric
-from tests.test_examples import PNG_SIGNATURE, ROOT, Example, example_env, python
+from tests.test_examples import PNG_SIGNATURE, ROOT, Spawn, python
 
-Spawn = Callable[..., Awaitable[Example]]
 PNG = PNG_SIGNATURE + bytes(range(256)) * 16  # the bytes only have to survive the trip
-
-
-@pytest.fixture
-async def spawn() -> AsyncIterator[Spawn]:
-    """Starts examples (with extra environment variables, in another directory, if given);
-    whatever is still running at the end of the test is killed."""
-    running: list[Example] = []
-
-    async def start(*args: str, env: dict[str, str] | None = None,
-                    cwd: Path = ROOT) -> Example:
-        process = await asyncio.create_subprocess_exec(
-            *args, cwd=cwd, env={**example_env(), **(env or {})},
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        example = Example(Path(args[1]).name, process)
-        running.append(example)
-        return example
-
-    try:
-        yield start
-    finally:
-        for example in running:
-            await example.kill()
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

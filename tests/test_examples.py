@@ -18,7 +18,7 @@ import shutil
 import struct
 import sys
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -112,26 +112,6 @@ def example_env() -> dict[str, str]:
            if not name.lower().endswith("_proxy") and not name.startswith("TASKCAST_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-@pytest.fixture
-async def spawn() -> AsyncIterator[Spawn]:
-    """Starts examples; whatever is still running at the end of the test is killed."""
-    running: list[Example] = []
-
-    async def start(*args: str) -> Example:
-        process = await asyncio.create_subprocess_exec(
-            *args, cwd=ROOT, env=example_env(), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        example = Example(Path(args[1]).name if len(args) > 1 else args[0], process)
-        running.append(example)
-        return example
-
-    try:
-        yield start
-    finally:
-        for example in running:
-            await example.kill()
 
 
 def python(script: str, *args: str) -> tuple[str, ...]:
