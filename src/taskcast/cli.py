@@ -1,5 +1,6 @@
-"""Command line: `taskcast serve` runs the gateway; `taskcast task ...` drives tasks by hand;
-`taskcast token issue` mints an access token with the gateway's key.
+"""Command line: `taskcast serve` runs the gateway (`taskcast demo`, with the demo page);
+`taskcast task ...` drives tasks by hand; `taskcast token issue` mints an access token with the
+gateway's key; `taskcast watch ID ...` follows tasks through a gateway.
 
 Only this module configures logging handlers.
 """
@@ -43,7 +44,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -
 def build_parser() -> argparse.ArgumentParser:
     """`serve`, `demo` and `task <action>`; every Settings field is a flag whose default is
     None, so that only flags actually given override the environment."""
-    parser = argparse.ArgumentParser(prog="taskcast", description=__doc__)
+    # The docstring's first paragraph is for users; the rest is for readers of this module.
+    parser = argparse.ArgumentParser(prog="taskcast", description=(__doc__ or "").split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway")
