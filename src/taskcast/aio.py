@@ -1,9 +1,10 @@
-"""asyncio helpers the long-running parts of the gateway share."""
+"""asyncio helpers the long-running parts of the gateway, and the client, share."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 
 
 async def cancel_and_wait(task: asyncio.Task[None], poll_s: float = 0.1) -> None:
@@ -19,3 +20,21 @@ async def cancel_and_wait(task: asyncio.Task[None], poll_s: float = 0.1) -> None
         await asyncio.wait([task], timeout=poll_s)
     with contextlib.suppress(BaseException):
         task.result()
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: each delay is drawn from
+    [floor * d, d] with d = min(cap, base * 2**attempts); floor 0 is full jitter."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0, *, floor: float = 0.0) -> None:
+        self.base, self.cap, self.floor, self.attempt = base, cap, floor, 0
+
+    def next(self) -> float:
+        """The next delay; counts one attempt."""
+        delay: float = min(self.cap, self.base * 2.0**self.attempt)
+        self.attempt = min(self.attempt + 1, 30)
+        return delay * random.uniform(self.floor, 1.0)
+
+    def reset(self) -> None:
+        """Back to the shortest delays (a connection worked)."""
+        self.attempt = 0

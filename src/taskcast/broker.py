@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from taskcast.aio import cancel_and_wait
+from taskcast.aio import Backoff, cancel_and_wait
 from taskcast.hub import BrokerListener
 from taskcast.keys import TaskKeys
 from taskcast.store import STORE_ERRORS
@@ -31,23 +30,6 @@ STALL_GRACE_S = 0.5  # how late a timed wake-up may be before the loop counts as
 
 class HungConnection(Exception):
     """Redis accepted the connection but stopped answering PING (e.g. SIGSTOP, a dead link)."""
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter."""
-
-    def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self) -> float:
-        """A delay drawn from [0, min(cap, base * 2**attempts)]; counts one attempt."""
-        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return delay
-
-    def reset(self) -> None:
-        """Back to the shortest delays (a connection worked)."""
-        self.attempt = 0
 
 
 class RedisPubSubBroker:

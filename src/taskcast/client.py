@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ import orjson
 import websockets
 from httpx_sse import aconnect_sse
 
+from taskcast.aio import Backoff
 from taskcast.errors import TaskcastError, TaskNotFound
 from taskcast.ids import parse_task_id_value
 from taskcast.models import Task
@@ -138,7 +138,7 @@ class AsyncClient:
         ValueError) for an id that is not a non-negative int64."""
         task_id = parse_task_id_value(task_id, ("task_id",))
         deadline = _Deadline(self.give_up_after_s)
-        backoff = _Backoff(self.min_backoff_s, self.max_backoff_s)
+        backoff = Backoff(self.min_backoff_s, self.max_backoff_s, floor=0.5)
         refreshed = False
         while True:
             try:
@@ -189,7 +189,7 @@ class AsyncClient:
         order = list(TRANSPORTS) if transport == "auto" else [transport]
         index = 0
         deadline = _Deadline(self.give_up_after_s)
-        backoff = _Backoff(self.min_backoff_s, self.max_backoff_s)
+        backoff = Backoff(self.min_backoff_s, self.max_backoff_s, floor=0.5)
         refreshed = False  # a fresh token that has not been followed by any state yet
         while len(finished) < len(wanted):
             pending = [task_id for task_id in wanted if task_id not in finished]
@@ -453,21 +453,6 @@ class Client:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-class _Backoff:
-    """Capped exponential backoff with jitter: 50-100 % of min(cap, base * 2^n)."""
-
-    def __init__(self, base_s: float, cap_s: float) -> None:
-        self.base_s, self.cap_s, self.attempt = base_s, cap_s, 0
-
-    def next(self) -> float:
-        delay: float = min(self.cap_s, self.base_s * 2.0 ** self.attempt)
-        self.attempt = min(self.attempt + 1, 30)
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class _Deadline:
