@@ -24,11 +24,11 @@ from redis.exceptions import ResponseError
 
 from taskcast import caps
 from taskcast.connection import connect, connect_sync, is_cluster_url
-from taskcast.errors import CorruptRecord, StoreUnavailable, TaskNotFound, TransitionRejected
+from taskcast.errors import StoreUnavailable, TaskNotFound, TransitionRejected
 from taskcast.keys import DEFAULT_PREFIX, TaskKeys
 from taskcast.models import RECORD_FIELDS, Task, TaskStatus
 from taskcast.script import rejection_from, script_source
-from taskcast.store import STORE_ERRORS, TaskStore
+from taskcast.store import STORE_ERRORS, TaskStore, with_staged_image
 
 DEFAULT_RETENTION_S = 86_400
 DEFAULT_WAIT_S = 30.0  # how long a call waits for a free connection during a burst
@@ -441,10 +441,7 @@ class SyncProducer:
             values = self.redis.hmget(keys.record(task_id), RECORD_FIELDS)
             task = Task.from_hmget(task_id, RECORD_FIELDS, values)
             if task is not None and task.image_omitted:
-                image = self.redis.get(keys.image(task_id))
-                if image is None or len(image) != task.staged_image_bytes:
-                    raise CorruptRecord(task_id, "its staged image is missing or cut")
-                task = task.with_image_base64(base64.b64encode(image).decode("ascii"))
+                task = with_staged_image(task, self.redis.get(keys.image(task_id)))
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
         if task is None:

@@ -57,11 +57,7 @@ class TaskStore:
         except STORE_ERRORS as exc:
             raise StoreUnavailable(f"reading the image of task {task.task_id} failed: {exc}"
                                    ) from exc
-        if not isinstance(data, bytes) or len(data) != task.staged_image_bytes:
-            got = "missing" if data is None else f"{len(data)} bytes"
-            raise CorruptRecord(task.task_id, f"its staged image is {got}, not "
-                                f"{task.staged_image_bytes} bytes")
-        return task.with_image_base64(base64.b64encode(data).decode("ascii"))
+        return with_staged_image(task, data)
 
     async def _hmget_many(self, task_ids: list[int], fields: Sequence[str]) -> list[Any]:
         """HMGET of the same fields from several records in one round trip (no MULTI)."""
@@ -134,3 +130,14 @@ class TaskStore:
         except STORE_ERRORS:
             return False
 
+
+def with_staged_image(task: Task, data: object) -> Task:
+    """`task` (read with `image_omitted`) with the bytes of its image key, base64-encoded;
+    raises CorruptRecord when they are missing or not `image_bytes` long. For TaskStore and
+    SyncProducer, which read the key each their own way."""
+    if not isinstance(data, bytes) or len(data) != task.staged_image_bytes:
+        got = "missing" if data is None else f"{len(data)} bytes" if isinstance(
+            data, bytes) else "not bytes"
+        raise CorruptRecord(task.task_id, f"its staged image is {got}, not "
+                            f"{task.staged_image_bytes} bytes")
+    return task.with_image_base64(base64.b64encode(data).decode("ascii"))
