@@ -1,4 +1,6 @@
-"""The field caps of contract section 8, checked by producers before they send a change.
+"""The field caps of contract section 8, checked by producers before they send a change, and
+the sizes the rest of the package goes by (how large a staged image may be, when an image is
+large enough to be staged and left out of events).
 
 The update script enforces the same caps (lua/apply_change.lua); checking them here first gives
 the caller a clear exception without a round trip, and keeps an oversized image off the wire.

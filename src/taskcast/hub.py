@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
+from taskcast import caps
 from taskcast.aio import cancel_and_wait
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.metrics import Metrics
@@ -42,7 +43,6 @@ from taskcast.models import Task, TaskStatus
 
 logger = logging.getLogger(__name__)
 _NO_TASKS: frozenset[int] = frozenset()
-LARGE_IMAGE_BYTES = 65_536  # an image this big makes a task's frames costly to build
 
 
 # -- what the hub needs from the outside ------------------------------------------------------
@@ -430,10 +430,8 @@ class Hub:
             whole = await asyncio.gather(*(self.lookup(task_id) for task_id in completed),
                                          return_exceptions=True)
             for task_id, result in zip(completed, whole, strict=True):
-                if isinstance(result, StoreUnavailable):
-                    raise result
                 if isinstance(result, BaseException) and not isinstance(result, CorruptRecord):
-                    raise result
+                    raise result  # StoreUnavailable among them: never a wrong answer
                 found[task_id] = result
         return found
 
@@ -551,7 +549,7 @@ class Hub:
             topic = self._topics.get(task_id)
             if task is not None:
                 self.accept(task)
-                if len(task.image_base64) > LARGE_IMAGE_BYTES:
+                if len(task.image_base64) > caps.INLINE_IMAGE_BASE64_BYTES:
                     # Its frames (megabytes each) were just encoded and written: let the
                     # rest of the process run before the next, or a burst of completions
                     # with large images freezes the loop for seconds.

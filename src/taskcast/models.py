@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
+from taskcast import caps
 from taskcast.errors import CorruptRecord
 
 _INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; int() takes more ("٣", "1_0")
-MAX_IMAGE_BYTES = 12_582_912  # a staged raw image: what 16 MiB of base64 encodes
 
 
 class TaskStatus(StrEnum):
@@ -155,7 +155,7 @@ class Task:
         progress = integer("progress", 0, 100)
         if status is TaskStatus.COMPLETED and progress != 100:
             raise CorruptRecord(task_id, f"completed with progress {progress}")
-        image_bytes = integer("image_bytes", 0, MAX_IMAGE_BYTES)
+        image_bytes = integer("image_bytes", 0, caps.MAX_IMAGE_BYTES)
         return cls(
             task_id=task_id,
             status=status,
