@@ -192,6 +192,8 @@ class Producer:
         fields = _Changes.checked({"type": type, "angle": angle, "timeout_s": timeout_s,
                                    "create_token": secrets.token_urlsafe(12)})
         async with self._turn():
+            if not self._script_loaded:
+                await self._load_script()  # before the INCR and the ZADD: see _load_script
             if task_id is not None:
                 return await self._create(task_id, fields)
             for _ in range(CREATE_ATTEMPTS):
