@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
-from taskcast import caps
 from taskcast.aio import cancel_and_wait
+from taskcast.caps import INLINE_IMAGE_BASE64_BYTES
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.metrics import Metrics
 from taskcast.models import Task, TaskStatus
@@ -549,7 +549,7 @@ class Hub:
             topic = self._topics.get(task_id)
             if task is not None:
                 self.accept(task)
-                if len(task.image_base64) > caps.INLINE_IMAGE_BASE64_BYTES:
+                if len(task.image_base64) > INLINE_IMAGE_BASE64_BYTES:
                     # Its frames (megabytes each) were just encoded and written: let the
                     # rest of the process run before the next, or a burst of completions
                     # with large images freezes the loop for seconds.

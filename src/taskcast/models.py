@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from taskcast import caps
+from taskcast.caps import MAX_IMAGE_BYTES
 from taskcast.errors import CorruptRecord
 
 _INTEGER = re.compile(r"-?[0-9]{1,19}")  # ASCII digits only; int() takes more ("٣", "1_0")
@@ -155,7 +155,7 @@ class Task:
         progress = integer("progress", 0, 100)
         if status is TaskStatus.COMPLETED and progress != 100:
             raise CorruptRecord(task_id, f"completed with progress {progress}")
-        image_bytes = integer("image_bytes", 0, caps.MAX_IMAGE_BYTES)
+        image_bytes = integer("image_bytes", 0, MAX_IMAGE_BYTES)
         return cls(
             task_id=task_id,
             status=status,
