@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from taskcast import access, busy, redaction, server, sse, ws
 from taskcast.broker import RedisPubSubBroker
 from taskcast.broker_cluster import ShardedPubSubBroker
-from taskcast.connection import connect, is_cluster_url
+from taskcast.connection import connect, initialize_cluster, is_cluster_url
 from taskcast.cors import CorsPolicy
 from taskcast.delivery import Connections
 from taskcast.demo import SimulatedWorker, demo_routes
@@ -39,8 +39,9 @@ from taskcast.responses import envelope, internal_error
 from taskcast.rest import get_task
 from taskcast.settings import Settings
 from taskcast.static import browser_client
-from taskcast.store import STORE_ERRORS, TaskStore
+from taskcast.store import TaskStore
 from taskcast.timeouts import TimeoutSweeper
+from taskcast.webhook_setup import webhook_service
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         metrics = Metrics()
         broker: Broker
         if is_cluster_url(settings.redis_url):
-            await _initialize_cluster(redis)
+            await initialize_cluster(redis)
             broker = ShardedPubSubBroker(redis, keys,  # type: ignore[arg-type]
                                          ping_deadline_s=settings.redis_ping_deadline_s,
                                          node_timeout_s=settings.redis_timeout_s)
@@ -179,6 +180,9 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
             sweeper = TimeoutSweeper(redis, keys, metrics, sharded=app.state.cluster,
                                      interval_s=settings.timeout_sweep_s)
             sweeper.start()
+        webhooks = app.state.webhooks = webhook_service(settings, redis, metrics)
+        if webhooks is not None:
+            webhooks.start()
         metrics_listener = metrics_server(settings, metrics)
         worker = None
         if demo:
@@ -199,6 +203,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
                 await worker.close()
             if sweeper is not None:
                 await sweeper.close()
+            if webhooks is not None:
+                await webhooks.close()
             await connections.close()
             await hub.close()
             await redis.aclose()
@@ -245,15 +251,6 @@ def _report_support(support: server.ServerSupport, metrics: Metrics) -> None:
             "Run the gateway with `taskcast serve` for direct writes, taskcast's WebSocket "
             "connection and clean stream endings on shutdown.",
             support.server, "; ".join(support.problems))
-
-
-async def _initialize_cluster(redis: object) -> None:
-    """Load the slot map now: redis-py initializes a cluster client lazily, and a burst of
-    concurrent first commands races inside that (AttributeError on a half-made connection)."""
-    try:
-        await redis.initialize()  # type: ignore[attr-defined]
-    except STORE_ERRORS as exc:
-        logger.warning("Redis Cluster not reachable at start-up (%s); will keep trying", exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -21,9 +21,12 @@ MAX_IMAGE_BYTES = MAX_IMAGE_BASE64_BYTES // 4 * 3  # raw bytes that encode to 16
 MAX_ERROR_MESSAGE_BYTES = 4096  # longer messages are cut, never refused
 INLINE_IMAGE_BASE64_BYTES = 65_536  # larger images are staged, and left out of events
 MIN_TIMEOUT_S, MAX_TIMEOUT_S, DEFAULT_TIMEOUT_S = 1, 604_800, 3600
+WEBHOOK_EVENTS = ("start", "progress", "completed", "failed")  # in the record's order
+DEFAULT_WEBHOOK_EVENTS = ("completed", "failed")
 
 _ABSOLUTE_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[^/?#]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 
 
 def _size(value: str) -> int:
@@ -74,3 +77,29 @@ def check_timeout(timeout_s: object) -> None:
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or not (
             MIN_TIMEOUT_S <= timeout_s <= MAX_TIMEOUT_S):
         raise TransitionRejected("BAD_REQUEST", "timeout_s must be an integer from 1 to 604800")
+
+
+def check_webhook(url: str | None, events: object) -> None:
+    """`webhook_url`: an absolute http(s) URL of at most 8192 bytes, without spaces or control
+    characters; `webhook_events`: a non-empty list of names from WEBHOOK_EVENTS, only with a
+    URL (contract section 10)."""
+    if url is not None:
+        if _size(url) > MAX_IMAGE_URL_BYTES:
+            raise TransitionRejected("TOO_LARGE", "webhook_url is longer than 8192 bytes")
+        if not _ABSOLUTE_URL.match(url):
+            raise TransitionRejected("BAD_FIELD", "webhook_url must be an absolute http(s) URL")
+        if _CONTROL_OR_SPACE.search(url):
+            raise TransitionRejected("BAD_FIELD", "webhook_url must not contain spaces or "
+                                     "control characters")
+    if events is None:
+        return
+    if isinstance(events, str) or not isinstance(events, list | tuple) or not all(
+            isinstance(name, str) for name in events):
+        raise TransitionRejected("BAD_FIELD", "webhook_events must be an array of event names")
+    if any(name not in WEBHOOK_EVENTS for name in events):
+        raise TransitionRejected("BAD_FIELD", "webhook_events may name only start, progress, "
+                                 "completed, failed")
+    if not events:
+        raise TransitionRejected("BAD_FIELD", "webhook_events must name at least one event")
+    if url is None:
+        raise TransitionRejected("BAD_FIELD", "webhook_events comes only with webhook_url")

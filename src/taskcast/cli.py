@@ -1,6 +1,7 @@
 """Command line: `taskcast serve` runs the gateway (`taskcast demo`, with the demo page);
 `taskcast task ...` drives tasks by hand; `taskcast token issue` mints an access token with the
-gateway's key; `taskcast watch ID ...` follows tasks through a gateway.
+gateway's key; `taskcast watch ID ...` follows tasks through a gateway; `taskcast webhooks`
+delivers webhooks without serving HTTP.
 
 Only this module configures logging handlers.
 """
@@ -56,12 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
         "(embedded store unless --redis-url is given)")
     _add_settings_flags(demo, [spec.name for spec in fields(Settings) if spec.name != "workers"])
 
+    webhooks = commands.add_parser(
+        "webhooks", help="deliver webhooks only, without the HTTP gateway (run `taskcast serve` "
+        "with --webhooks off beside it)")
+    _add_settings_flags(webhooks, [spec.name for spec in fields(Settings)
+                                   if spec.name == "redis_url" or spec.name == "prefix"
+                                   or spec.name == "log_level" or spec.name == "redis_timeout_s"
+                                   or spec.name.startswith(("webhook_", "metrics_"))])
+
     task = commands.add_parser("task", help="create, advance or read a task (operator tool)")
     actions = task.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a submitted task; prints it as JSON")
     create.add_argument("--id", type=int, dest="task_id", help="use this id (default: next id)")
     create.add_argument("--type", default="", help="generation type")
     create.add_argument("--angle", default="", help="view angle")
+    create.add_argument("--webhook-url", help="POST the task's states here (README, Webhooks)")
+    create.add_argument("--webhook-event", dest="webhook_events", action="append",
+                        choices=["start", "progress", "completed", "failed"],
+                        help="an event to send (repeat; default completed and failed)")
     progress = actions.add_parser("progress", help="mark processing with a progress 0..100")
     progress.add_argument("task_id", type=int)
     progress.add_argument("progress", type=int)
@@ -120,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(settings, demo=True)
     if args.command == "token":
         return _issue_token(args, settings)
+    if args.command == "webhooks":
+        from taskcast import webhook_setup
+
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return webhook_setup.run_standalone(settings)
     return _task_command(args, settings)
 
 
@@ -134,7 +153,9 @@ def _serve(settings: Settings, demo: bool = False) -> int:
         # The demo shows the production flow: its page gets tokens from the demo's own
         # "generation service" endpoints (demo.py), which sign with this secret.
         settings = settings.with_changes(jwt_secret=secrets.token_urlsafe(48))
-    problem = None if demo else exposure_problem(settings)
+    from taskcast import webhook_setup
+
+    problem = (None if demo else exposure_problem(settings)) or webhook_setup.check(settings)
     if problem is not None:
         print(f"taskcast: {problem}", file=sys.stderr)
         return 2
@@ -244,7 +265,9 @@ def _task_command(args: argparse.Namespace, settings: Settings) -> int:
     )
     try:
         if args.action == "create":
-            task = producer.create(task_id=args.task_id, type=args.type, angle=args.angle)
+            task = producer.create(task_id=args.task_id, type=args.type, angle=args.angle,
+                                   webhook_url=args.webhook_url,
+                                   webhook_events=args.webhook_events)
         elif args.action == "progress":
             task = producer.progress(args.task_id, args.progress)
         elif args.action == "complete":

@@ -7,11 +7,16 @@ update script and pub/sub code path as against a real server. Clients opened on 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+
+from taskcast.store import STORE_ERRORS
+
+logger = logging.getLogger(__name__)
 
 MEMORY_SCHEME = "memory://"
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -101,3 +106,12 @@ def connect_sync(url: str, *, timeout: float = 5.0) -> Any:
         return RedisCluster.from_url(_plain_url(url), socket_timeout=timeout,
                                      socket_connect_timeout=timeout)
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+async def initialize_cluster(redis: object) -> None:
+    """Load the slot map now: redis-py initializes a cluster client lazily, and a burst of
+    concurrent first commands races inside that (AttributeError on a half-made connection)."""
+    try:
+        await redis.initialize()  # type: ignore[attr-defined]
+    except STORE_ERRORS as exc:
+        logger.warning("Redis Cluster not reachable at start-up (%s); will keep trying", exc)

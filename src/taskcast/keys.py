@@ -12,6 +12,8 @@ DEFAULT_PREFIX = "taskcast"
 # Sorted sets the timeout index is spread over, so that on a cluster no single slot takes
 # every create; gateways sweep them all.
 TIMEOUT_BUCKETS = 16
+# Likewise for the webhook index; each bucket is delivered by one gateway at a time.
+WEBHOOK_BUCKETS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,30 @@ class TaskKeys:
     def timeouts_of(self, task_id: int) -> str:
         """The timeouts() bucket of a task."""
         return self.timeouts(task_id % TIMEOUT_BUCKETS)
+
+    def webhooks(self, bucket: int) -> str:
+        """Sorted set of task ids with a webhook to look after, scored by the time (ms) to
+        look next; tasks spread over WEBHOOK_BUCKETS (`P:webhooks:{B}`)."""
+        return f"{self.prefix}:webhooks:{{{bucket}}}"
+
+    def webhooks_of(self, task_id: int) -> str:
+        """The webhooks() bucket of a task."""
+        return self.webhooks(task_id % WEBHOOK_BUCKETS)
+
+    def webhook_owner(self, bucket: int) -> str:
+        """Which gateway delivers a bucket: its id, with an expiry (the bucket's slot)."""
+        return f"{self.prefix}:webhooks:{{{bucket}}}:owner"
+
+    @property
+    def webhook_members(self) -> str:
+        """Sorted set of delivering gateways, scored by when each is presumed gone (ms)."""
+        return f"{self.prefix}:webhooks:members"
+
+    @property
+    def webhook_wake(self) -> str:
+        """Plain pub/sub channel on which the update script announces a change of a task that
+        has a webhook (the message is its id)."""
+        return f"{self.prefix}:webhooks"
 
     @property
     def id_counter(self) -> str:

@@ -12,6 +12,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     disable_created_metrics,
     generate_latest,
     start_http_server,
@@ -96,6 +97,29 @@ class Metrics:
             "taskcast_timeout_checks",
             "Tasks the timeout sweep asked the update script about, by answer",
             ["answer"], registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "taskcast_webhook_deliveries",
+            "Webhook attempts by outcome: delivered, failed (will be retried), gone (410), "
+            "rejected (another 3xx/4xx), refused (target not allowed), dead (retry horizon "
+            "passed), expired (record gone while retrying)", ["outcome"], registry=r,
+        )
+        self.webhook_lag_seconds = Histogram(
+            "taskcast_webhook_lag_seconds",
+            "From a task's change (its updated_at) to the receiver's 2xx for it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+                     3600), registry=r,
+        )
+        self.webhook_request_seconds = Histogram(
+            "taskcast_webhook_request_seconds", "Duration of webhook requests, any outcome",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.webhook_retries_pending = Gauge(
+            "taskcast_webhook_retries_pending",
+            "Tasks of this gateway's buckets whose webhook waits for a retry", registry=r,
+        )
+        self.webhook_buckets = Gauge(
+            "taskcast_webhook_buckets", "Webhook buckets this gateway delivers", registry=r,
         )
 
 

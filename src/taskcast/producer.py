@@ -63,6 +63,21 @@ class _Changes:
         return keys
 
     @staticmethod
+    def creation(type: str, angle: str, timeout_s: int | None, webhook_url: str | None,
+                 webhook_events: list[str] | None) -> dict[str, Any]:
+        """The fields of a create, with a fresh create_token (see Producer.create)."""
+        events = list(webhook_events) if webhook_events is not None else None
+        caps.check_webhook(webhook_url, events)
+        return {"type": type, "angle": angle, "timeout_s": timeout_s,
+                "create_token": secrets.token_urlsafe(12), "webhook_url": webhook_url,
+                "webhook_events": events}
+
+    @staticmethod
+    def webhook_hint() -> int:
+        """Score of a new task in its webhooks bucket: look now (ms)."""
+        return int(time.time() * 1000)
+
+    @staticmethod
     def checked(fields: dict[str, Any]) -> dict[str, Any]:
         """The fields after the caps of contract 8 (TransitionRejected as the script would)."""
         caps.check_labels(fields)
@@ -179,7 +194,8 @@ class Producer:
         await self.redis.aclose()
 
     async def create(self, *, task_id: int | None = None, type: str = "", angle: str = "",
-                     timeout_s: int | None = None) -> Task:
+                     timeout_s: int | None = None, webhook_url: str | None = None,
+                     webhook_events: list[str] | None = None) -> Task:
         """Create a submitted task; without `task_id` the next id is allocated in Redis.
 
         Never returns a record it did not create: each create carries a random token stored
@@ -188,9 +204,11 @@ class Producer:
         taken (ids given explicitly elsewhere, or a lost counter) is skipped for the next.
         With an explicit `task_id`, a taken id is TransitionRejected("EXISTS").
 
-        `timeout_s` (default 3600): the task fails if no change arrives for that long."""
-        fields = _Changes.checked({"type": type, "angle": angle, "timeout_s": timeout_s,
-                                   "create_token": secrets.token_urlsafe(12)})
+        `timeout_s` (default 3600): the task fails if no change arrives for that long.
+        `webhook_url`: gateways POST the task's states there, `webhook_events` of them
+        (default ["completed", "failed"]; README, "Webhooks")."""
+        fields = _Changes.checked(_Changes.creation(type, angle, timeout_s, webhook_url,
+                                                    webhook_events))
         async with self._turn():
             if not self._script_loaded:
                 await self._load_script()  # before the INCR and the ZADD: see _load_script
@@ -211,11 +229,13 @@ class Producer:
 
     async def _create(self, task_id: int, fields: dict[str, Any]) -> Task:
         # Indexed before it exists, so that a crash between the two cannot leave a task that
-        # never times out (an entry without a record is dropped by the sweep), and again
-        # after, because a sweep in between may have dropped the entry as such.
-        await self._index_timeout(task_id, fields.get("timeout_s"))
+        # never times out or whose webhook is never sent (an entry without a record is
+        # dropped by the sweep), and again after, because a sweep in between may have dropped
+        # the entry as such.
+        webhook = fields.get("webhook_url") is not None
+        await self._index(task_id, fields.get("timeout_s"), webhook=webhook)
         task = await self._call("create", task_id, fields)
-        await self._index_timeout(task_id, fields.get("timeout_s"))
+        await self._index(task_id, fields.get("timeout_s"), webhook=webhook)
         return task
 
     async def get(self, task_id: int) -> Task:
@@ -268,6 +288,16 @@ class Producer:
         if self._turns is None:
             self._turns = asyncio.Semaphore(self._max_concurrency)
         return _Turn(self._turns, self.wait_s)
+
+    async def _index(self, task_id: int, timeout_s: int | None, *, webhook: bool) -> None:
+        await self._index_timeout(task_id, timeout_s)
+        if webhook:
+            try:  # LT as for timeouts: never postpones a look already scheduled
+                await self.redis.zadd(self._changes.keys.webhooks_of(task_id),
+                                      {str(task_id): _Changes.webhook_hint()}, lt=True)
+            except STORE_ERRORS as exc:
+                raise StoreUnavailable(f"indexing task {task_id} for webhooks failed: {exc}"
+                                       ) from exc
 
     async def _index_timeout(self, task_id: int, timeout_s: int | None) -> None:
         # LT: an entry is only ever moved earlier (a hint may be early, never late), so a
@@ -379,10 +409,11 @@ class SyncProducer:
         self.redis.close()
 
     def create(self, *, task_id: int | None = None, type: str = "", angle: str = "",
-               timeout_s: int | None = None) -> Task:
+               timeout_s: int | None = None, webhook_url: str | None = None,
+               webhook_events: list[str] | None = None) -> Task:
         """As Producer.create."""
-        fields = _Changes.checked({"type": type, "angle": angle, "timeout_s": timeout_s,
-                                   "create_token": secrets.token_urlsafe(12)})
+        fields = _Changes.checked(_Changes.creation(type, angle, timeout_s, webhook_url,
+                                                    webhook_events))
         if task_id is not None:
             return self._create(task_id, fields)
         for _ in range(CREATE_ATTEMPTS):
@@ -399,9 +430,10 @@ class SyncProducer:
                                  f"taken: is {self._changes.keys.id_counter} behind?")
 
     def _create(self, task_id: int, fields: dict[str, Any]) -> Task:
-        self._index_timeout(task_id, fields.get("timeout_s"))  # before and after: see Producer
+        webhook = fields.get("webhook_url") is not None
+        self._index(task_id, fields.get("timeout_s"), webhook=webhook)  # see Producer._create
         task = self._call("create", task_id, fields)
-        self._index_timeout(task_id, fields.get("timeout_s"))
+        self._index(task_id, fields.get("timeout_s"), webhook=webhook)
         return task
 
     def progress(
@@ -449,6 +481,16 @@ class SyncProducer:
         if task is None:
             raise TaskNotFound(task_id)
         return task
+
+    def _index(self, task_id: int, timeout_s: int | None, *, webhook: bool) -> None:
+        self._index_timeout(task_id, timeout_s)
+        if webhook:
+            try:  # LT: see Producer._index
+                self.redis.zadd(self._changes.keys.webhooks_of(task_id),
+                                {str(task_id): _Changes.webhook_hint()}, lt=True)
+            except STORE_ERRORS as exc:
+                raise StoreUnavailable(f"indexing task {task_id} for webhooks failed: {exc}"
+                                       ) from exc
 
     def _index_timeout(self, task_id: int, timeout_s: int | None) -> None:
         try:  # LT: see Producer._index_timeout

@@ -136,6 +136,36 @@ class Settings:
     demo_token_ttl_s: int = field(
         default=600, metadata={"help": "taskcast demo: lifetime of the tokens it hands out"}
     )
+    webhooks: str = field(
+        default="on", metadata={"help": "on: deliver webhooks from this process when "
+                                "TASKCAST_WEBHOOK_SECRET is set; off: never (another process, "
+                                "e.g. `taskcast webhooks`, delivers them)"}
+    )
+    webhook_secret: str = field(
+        default="", repr=False,
+        metadata={"help": "whsec_ secret(s) signing webhooks, comma-separated for rotation",
+                  "secret": True},
+    )
+    webhook_allowed_hosts: str = field(
+        default="", metadata={"help": "comma-separated hosts, addresses or CIDRs webhooks may "
+                              "reach although they are not public (loopback, private, "
+                              "link-local); empty: public addresses only"}
+    )
+    webhook_timeout_s: float = field(
+        default=10.0, metadata={"help": "a webhook request without a complete answer this long "
+                                "is a failure (retried)"}
+    )
+    webhook_per_host: int = field(
+        default=10, metadata={"help": "webhook requests one gateway makes to one host at once"}
+    )
+    webhook_horizon_s: float = field(
+        default=86_400.0, metadata={"help": "a webhook failing for this long is dead (no more "
+                                    "retries; counted, and written on the task's record)"}
+    )
+    webhook_recheck_s: float = field(
+        default=15.0, metadata={"help": "seconds between looks at an unfinished task with a "
+                                "webhook (what bounds the delay of a lost wake-up message)"}
+    )
     graceful_shutdown_s: int = field(
         default=5, metadata={"help": "seconds open connections get to end on shutdown"}
     )

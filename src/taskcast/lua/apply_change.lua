@@ -25,9 +25,20 @@
 --   timeout_s      1..604800 (default 3600, kept on the record): an unfinished task with no
 --                  accepted change for that long is failed by the gateway (op "timeout")
 --   retention_s    seconds a finished record is kept (default 86400; 0 = forever)
+--   webhook_url    op=create only: an absolute http:// or https:// URL of at most 8192 bytes;
+--                  the gateway POSTs the task's states there (README, "Webhooks")
+--   webhook_events op=create only, with webhook_url: a JSON array, a non-empty subset of
+--                  "start" "progress" "completed" "failed" (default ["completed","failed"])
 --   create_token   op=create only: up to 64 of [A-Za-z0-9_-]; a create repeated with the token
 --                  the record was created with returns that record instead of EXISTS
 --   publish        "PUBLISH" (default) or "SPUBLISH" (Redis Cluster sharded pub/sub)
+--
+-- Webhooks. A task created with webhook_url keeps it (and webhook_events) on its record; every
+-- accepted change of such a task also PUBLISHes its id on P:webhooks (plain PUBLISH: channels
+-- are not keys, so this works from any slot of a cluster), which wakes the delivering gateway,
+-- and the first change to processing sets started_version. Producers also index the task in
+-- P:webhooks:{ID mod 16} before and after the create (README); that index, not the wake,
+-- is what makes delivery survive lost messages and restarts.
 --
 -- Staged images. An image of more than a few KiB is cheaper uploaded than sent in the change:
 -- every byte passed to Lua costs Redis about 1.5 ms per MiB, and in JSON far more. The producer
@@ -69,6 +80,7 @@ local ALLOWED = {
   op = true, task_id = true, status = true, progress = true, type = true, angle = true,
   image_url = true, image_base64 = true, image_bytes = true, error_message = true,
   timeout_s = true, retention_s = true, create_token = true, publish = true,
+  webhook_url = true, webhook_events = true,
 }
 for key, _ in pairs(change) do
   if not ALLOWED[key] then
@@ -92,6 +104,12 @@ local record_key, channel_key = KEYS[1], KEYS[2]
 if record_key == nil or string.sub(record_key, -(#id + 2)) ~= '{' .. id .. '}'
     or channel_key ~= record_key .. ':events' then
   return reject('BAD_REQUEST', 'keys must be P:task:{' .. id .. '} and P:task:{' .. id .. '}:events')
+end
+-- The wake channel of webhooks, P:webhooks, from a record key P:task:{ID} (nil otherwise).
+local webhook_channel = nil
+local task_tail = ':task:{' .. id .. '}'
+if string.sub(record_key, -#task_tail) == task_tail then
+  webhook_channel = string.sub(record_key, 1, #record_key - #task_tail) .. ':webhooks'
 end
 local upload_key, image_key = KEYS[3], KEYS[4]
 if upload_key ~= nil then
@@ -129,7 +147,7 @@ end
 local BACKSTOP_S = 86400
 
 for _, name in ipairs({'status', 'type', 'angle', 'image_url', 'image_base64', 'error_message',
-                       'create_token'}) do
+                       'create_token', 'webhook_url'}) do
   if change[name] ~= nil and type(change[name]) ~= 'string' then
     return reject('BAD_REQUEST', name .. ' must be a string')
   end
@@ -188,6 +206,51 @@ if staged ~= nil then
 elseif upload_key ~= nil then
   return reject('BAD_REQUEST', 'KEYS[3] and KEYS[4] come only with image_bytes')
 end
+local webhook_url = change.webhook_url
+if webhook_url ~= nil then
+  if #webhook_url > MAX_URL then
+    return reject('TOO_LARGE', 'webhook_url is longer than 8192 bytes')
+  end
+  if string.match(webhook_url, '^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]') == nil then
+    return reject('BAD_FIELD', 'webhook_url must be an absolute http(s) URL')
+  end
+  if string.find(webhook_url, '[%z\1-\32\127]') then
+    return reject('BAD_FIELD', 'webhook_url must not contain spaces or control characters')
+  end
+end
+-- Kept on the record as a comma-separated list in this order, whatever order was sent.
+local WEBHOOK_EVENTS = { 'start', 'progress', 'completed', 'failed' }
+local webhook_events = nil
+if change.webhook_events ~= nil then
+  local wanted = change.webhook_events
+  local named = {}
+  if type(wanted) ~= 'table' then
+    return reject('BAD_FIELD', 'webhook_events must be an array of event names')
+  end
+  for key, name in pairs(wanted) do
+    if type(key) ~= 'number' or type(name) ~= 'string' then
+      return reject('BAD_FIELD', 'webhook_events must be an array of event names')
+    end
+    named[name] = true
+  end
+  local list = {}
+  for _, name in ipairs(WEBHOOK_EVENTS) do
+    if named[name] then
+      list[#list + 1] = name
+      named[name] = nil
+    end
+  end
+  if next(named) ~= nil then
+    return reject('BAD_FIELD', 'webhook_events may name only start, progress, completed, failed')
+  end
+  if #list == 0 then
+    return reject('BAD_FIELD', 'webhook_events must name at least one event')
+  end
+  webhook_events = table.concat(list, ',')
+  if webhook_url == nil then
+    return reject('BAD_FIELD', 'webhook_events comes only with webhook_url')
+  end
+end
 local create_token = change.create_token
 if create_token ~= nil and (#create_token < 1 or #create_token > 64
     or string.find(create_token, '[^%w_-]')) then
@@ -222,7 +285,7 @@ local NEXT = {
 local FIELDS = {
   'task_id', 'status', 'progress', 'type', 'angle', 'image_url', 'image_base64',
   'error_message', 'version', 'created_at', 'updated_at', 'image_bytes', 'timeout_s',
-  'deadline_ms', 'retention_s', 'create_token',
+  'deadline_ms', 'retention_s', 'create_token', 'webhook_url', 'started_version',
 }
 
 local function now_ms()
@@ -263,6 +326,13 @@ local function write_and_publish(task)
   end
   if task.create_token ~= '' then
     redis.call('HSET', record_key, 'create_token', task.create_token)
+  end
+  if task.webhook_url ~= '' then
+    if task.status == 'processing' and task.started_version == 0 then
+      task.started_version = task.version
+      redis.call('HSET', record_key, 'started_version', string.format('%d', task.version))
+    end
+    redis.call('PUBLISH', webhook_channel, id)
   end
   if TERMINAL[task.status] then
     redis.call('HDEL', record_key, 'deadline_ms')
@@ -308,7 +378,12 @@ local function read_record()
     deadline_ms = current.deadline_ms and tonumber(current.deadline_ms),
     retention_s = tonumber(current.retention_s or '86400'),
     create_token = current.create_token or '',
+    webhook_url = current.webhook_url or '',
+    started_version = tonumber(current.started_version or '0'),
   }
+  if task.started_version == nil then
+    return nil
+  end
   if not KNOWN[task.status] or task.progress == nil or task.version == nil
       or task.created_at == nil or task.updated_at == nil or task.image_bytes == nil
       or task.timeout_s == nil or task.retention_s == nil or task.deadline_ms == nil
@@ -366,13 +441,20 @@ if change.op == 'create' then
   if change.image_url or change.image_base64 or change.error_message or staged then
     return reject('BAD_FIELD', 'a new task has no image and no error_message')
   end
+  if webhook_url ~= nil then
+    if webhook_channel == nil then
+      return reject('BAD_REQUEST', 'a task with a webhook needs the key P:task:{' .. id .. '}')
+    end
+    redis.call('HSET', record_key, 'webhook_url', webhook_url,
+      'webhook_events', webhook_events or 'completed,failed')
+  end
   local now = now_ms()
   return write_and_publish({
     status = 'submitted', progress = 0, type = change.type or '', angle = change.angle or '',
     image_url = '', image_base64 = '', error_message = '', version = 1,
     created_at = now, updated_at = now, image_bytes = 0,
     timeout_s = change.timeout_s or DEFAULT_TIMEOUT, retention_s = retention,
-    create_token = create_token or '',
+    create_token = create_token or '', webhook_url = webhook_url or '', started_version = 0,
   })
 end
 
@@ -381,6 +463,9 @@ if change.op ~= 'update' then
 end
 if create_token ~= nil then
   return reject('BAD_REQUEST', 'create_token comes only with op=create')
+end
+if webhook_url ~= nil then
+  return reject('BAD_FIELD', 'webhook_url and webhook_events are set at creation only')
 end
 
 if redis.call('EXISTS', record_key) == 0 then
