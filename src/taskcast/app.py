@@ -28,6 +28,7 @@ from taskcast.connection import connect, initialize_cluster, is_cluster_url
 from taskcast.cors import CorsPolicy
 from taskcast.delivery import Connections
 from taskcast.demo import SimulatedWorker, demo_routes
+from taskcast.demo_webhooks import Inbox, demo_webhook_routes
 from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.health import healthz, readyz
 from taskcast.hub import Broker, Hub
@@ -42,6 +43,7 @@ from taskcast.static import browser_client
 from taskcast.store import TaskStore
 from taskcast.timeouts import TimeoutSweeper
 from taskcast.webhook_setup import webhook_service
+from taskcast.webhook_signing import WebhookSigner
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +192,9 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
                                 sharded=is_cluster_url(settings.redis_url))
             worker = app.state.demo_worker = SimulatedWorker(
                 producer, keys, settings.demo_step_s, settings.demo_max_tasks)
+            app.state.demo_inbox = Inbox()
+            app.state.webhook_signer = (WebhookSigner.from_setting(settings.webhook_secret)
+                                        if settings.webhook_secret else None)
         logger.info("taskcast serving tasks from %s (prefix %r); access control: %s",
                     _safe_url(settings.redis_url), settings.prefix, access.describe(settings))
         try:
@@ -227,7 +232,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
     if not settings.metrics_port:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     if demo:
-        routes = demo_routes() + routes
+        routes = demo_routes() + demo_webhook_routes() + routes
     return Starlette(
         routes=routes,
         middleware=[cors.middleware()] if cors is not None else [],

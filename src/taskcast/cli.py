@@ -9,6 +9,7 @@ Only this module configures logging handlers.
 from __future__ import annotations
 
 import argparse
+import base64
 import gc
 import logging
 import os
@@ -153,6 +154,13 @@ def _serve(settings: Settings, demo: bool = False) -> int:
         # The demo shows the production flow: its page gets tokens from the demo's own
         # "generation service" endpoints (demo.py), which sign with this secret.
         settings = settings.with_changes(jwt_secret=secrets.token_urlsafe(48))
+    if demo and not settings.webhook_secret and settings.webhooks == "on":
+        # The demo's tasks send their webhooks to the demo's own receiver page, over
+        # loopback: allowed for the demo only (serve refuses loopback unless told otherwise).
+        settings = settings.with_changes(
+            webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+            webhook_allowed_hosts=(settings.webhook_allowed_hosts
+                                   or f"127.0.0.1,::1,{settings.host}"))
     from taskcast import webhook_setup
 
     problem = (None if demo else exposure_problem(settings)) or webhook_setup.check(settings)

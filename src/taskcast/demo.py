@@ -26,6 +26,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from taskcast.access import http_forbidden, http_grant
+from taskcast.caps import WEBHOOK_EVENTS
+from taskcast.demo_webhooks import demo_webhook_url
 from taskcast.errors import InvalidParameter, TaskcastError
 from taskcast.ids import parse_task_id
 from taskcast.keys import TaskKeys
@@ -77,13 +79,17 @@ class SimulatedWorker:
         # The tasks this demo made, oldest first: the only ones it signs tokens for.
         self.created: dict[int, None] = {}
 
-    async def start_tasks(self, count: int, type: str, angle: str, fail: bool) -> list[int]:
+    async def start_tasks(self, count: int, type: str, angle: str, fail: bool,
+                          webhook_url: str | None = None) -> list[int]:
         """Create `count` tasks, one after another, and start a job for each; returns their
-        ids. Raises what Producer.create raises (the jobs already started go on). A job that
+        ids. With `webhook_url`, each task sends all its events there.
+        Raises what Producer.create raises (the jobs already started go on). A job that
         meets a TaskcastError (Redis gone, say) logs it and stops, its task unfinished."""
         ids = []
         for _ in range(count):
-            task = await self.producer.create(type=type, angle=angle)
+            task = await self.producer.create(
+                type=type, angle=angle, webhook_url=webhook_url,
+                webhook_events=WEBHOOK_EVENTS if webhook_url else None)
             ids.append(task.task_id)
             self.created[task.task_id] = None
             job = self._jobs[task.task_id] = asyncio.create_task(self._run(task.task_id, fail))
@@ -162,7 +168,8 @@ async def start_tasks(request: Request) -> Response:
     ttl = _ttl(body, "token_ttl_s", request)
     if isinstance(ttl, Response):
         return ttl
-    ids = await worker.start_tasks(count, type_[:64], angle[:64], fail)
+    ids = await worker.start_tasks(count, type_[:64], angle[:64], fail,
+                                   demo_webhook_url(request))
     return JSONBody({"code": 201, "msg": "created",
                      "data": {"task_ids": ids, **_token_for(request, ids, ttl)}},
                     status_code=201)

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -64,10 +65,10 @@ class _Changes:
 
     @staticmethod
     def creation(type: str, angle: str, timeout_s: int | None, webhook_url: str | None,
-                 webhook_events: list[str] | None) -> dict[str, Any]:
+                 webhook_events: Sequence[str] | None) -> dict[str, Any]:
         """The fields of a create, with a fresh create_token (see Producer.create)."""
+        caps.check_webhook(webhook_url, webhook_events)
         events = list(webhook_events) if webhook_events is not None else None
-        caps.check_webhook(webhook_url, events)
         return {"type": type, "angle": angle, "timeout_s": timeout_s,
                 "create_token": secrets.token_urlsafe(12), "webhook_url": webhook_url,
                 "webhook_events": events}
@@ -195,7 +196,7 @@ class Producer:
 
     async def create(self, *, task_id: int | None = None, type: str = "", angle: str = "",
                      timeout_s: int | None = None, webhook_url: str | None = None,
-                     webhook_events: list[str] | None = None) -> Task:
+                     webhook_events: Sequence[str] | None = None) -> Task:
         """Create a submitted task; without `task_id` the next id is allocated in Redis.
 
         Never returns a record it did not create: each create carries a random token stored
@@ -410,7 +411,7 @@ class SyncProducer:
 
     def create(self, *, task_id: int | None = None, type: str = "", angle: str = "",
                timeout_s: int | None = None, webhook_url: str | None = None,
-               webhook_events: list[str] | None = None) -> Task:
+               webhook_events: Sequence[str] | None = None) -> Task:
         """As Producer.create."""
         fields = _Changes.checked(_Changes.creation(type, angle, timeout_s, webhook_url,
                                                     webhook_events))

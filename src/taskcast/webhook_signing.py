@@ -57,6 +57,16 @@ class WebhookSigner:
             "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
             for key in self._keys)
 
+    def verify(self, msg_id: str, timestamp: str, body: bytes, signature_header: str) -> bool:
+        """Whether any `v1,` signature in the header is one of ours for this message (in
+        constant time). Receivers should also refuse timestamps far from their clock."""
+        if not timestamp.isascii() or not timestamp.isdigit():
+            return False
+        expected = self.signature(msg_id, int(timestamp), body).split(" ")
+        given = [part for part in signature_header.split(" ") if part.startswith("v1,")]
+        return any(hmac.compare_digest(mine.encode(), theirs.encode())
+                   for mine in expected for theirs in given)
+
     def headers(self, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
         """The three Standard Webhooks headers of one attempt."""
         return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
