@@ -101,8 +101,8 @@ class Metrics:
         self.webhook_deliveries = Counter(
             "taskcast_webhook_deliveries",
             "Webhook attempts by outcome: delivered, failed (will be retried), gone (410), "
-            "rejected (another 3xx/4xx), refused (target not allowed), dead (retry horizon "
-            "passed), expired (record gone while retrying)", ["outcome"], registry=r,
+            "refused (target not allowed), dead (retry horizon passed), expired (record gone "
+            "while retrying)", ["outcome"], registry=r,
         )
         self.webhook_lag_seconds = Histogram(
             "taskcast_webhook_lag_seconds",

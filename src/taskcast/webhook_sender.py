@@ -32,9 +32,8 @@ MAX_TRANSPORTS = 256  # hosts with an idle connection pool kept open
 class Attempt:
     """What one POST came to.
 
-    outcome: "delivered" (2xx), "gone" (410), "retry" (timeout, connection error, 408, 425,
-    429, 5xx), "rejected" (any other status: the receiver said no), "refused" (the target is
-    not allowed; nothing was sent)."""
+    outcome: "delivered" (2xx), "gone" (410), "retry" (a timeout, a connection error, any
+    other status), "refused" (the target is not allowed; nothing was sent)."""
 
     outcome: str
     status: int | None = None
@@ -43,18 +42,16 @@ class Attempt:
     duration_s: float = 0.0
 
 
-RETRIED_STATUSES = frozenset({408, 425, 429})
-
-
 def classify(status: int) -> str:
-    """The outcome of an HTTP status."""
+    """The outcome of an HTTP status. Every status but 2xx and 410 is retried, 4xx included:
+    a receiver deployed with the wrong secret (401) or not yet deployed (404) is fixed within
+    the horizon more often than not, and dropping a terminal state would break the guarantee;
+    a receiver that wants no more says 410."""
     if 200 <= status < 300:
         return "delivered"
     if status == 410:
         return "gone"
-    if status >= 500 or status in RETRIED_STATUSES:
-        return "retry"
-    return "rejected"
+    return "retry"
 
 
 def retry_after(value: str | None, now: float) -> float | None:
@@ -141,8 +138,8 @@ class WebhookSender:
         started = time.monotonic()
         try:
             parsed = httpx.URL(url)
-        except httpx.InvalidURL as exc:
-            return Attempt("refused", error=f"invalid URL: {exc}")
+        except httpx.InvalidURL:
+            return Attempt("refused", error="invalid URL")
         if parsed.scheme not in ("http", "https") or not parsed.host:
             return Attempt("refused", error="not an absolute http(s) URL")
         port = parsed.port or (443 if parsed.scheme == "https" else 80)

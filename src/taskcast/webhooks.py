@@ -325,9 +325,9 @@ class WebhookService:
                                                   *_CLEAR_FAILURES])
             await self.redis.zrem(index, member)
             return False
-        if attempt.outcome in ("rejected", "refused"):
-            # Not retried: the receiver (or the allowlist) said no to this message. Later
-            # messages of the task are still tried.
+        if attempt.outcome == "refused":
+            # Not retried: the allowlist says no, and will until it is changed (a later
+            # message of the task is tried again, against the allowlist of that time).
             self.metrics.webhook_deliveries.labels(attempt.outcome).inc()
             logger.warning("webhook task.%s of task %d not delivered: %s", kind, task_id,
                            attempt.error)
