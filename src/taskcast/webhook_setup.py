@@ -33,10 +33,10 @@ def check(settings: Settings) -> str | None:
             WebhookSigner.from_setting(settings.webhook_secret)
         except ValueError as exc:
             return str(exc)
-    if settings.webhook_timeout_s <= 0 or settings.webhook_per_host < 1 or (
+    if not 0 < settings.webhook_timeout_s <= 300 or settings.webhook_per_host < 1 or (
             settings.webhook_horizon_s <= 0 or settings.webhook_recheck_s <= 0):
-        return ("webhook_timeout_s, webhook_horizon_s and webhook_recheck_s must be positive, "
-                "webhook_per_host at least 1")
+        return ("webhook_timeout_s must be from 0 to 300 s, webhook_horizon_s and "
+                "webhook_recheck_s positive, webhook_per_host at least 1")
     return None
 
 

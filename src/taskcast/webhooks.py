@@ -160,8 +160,7 @@ class WebhookService:
     def __init__(self, redis: Any, keys: TaskKeys, metrics: Metrics, signer: WebhookSigner,
                  sender: WebhookSender, *, wake_client: Callable[[], Any],
                  member: str, horizon_s: float = 86_400.0, recheck_s: float = 15.0,
-                 sweep_s: float = 1.0, lease_s: float = 30.0, max_in_flight: int = 500
-                 ) -> None:
+                 sweep_s: float = 1.0, max_in_flight: int = 500) -> None:
         self.redis = redis
         self.keys = keys
         self.metrics = metrics
@@ -173,8 +172,11 @@ class WebhookService:
         self.sweep_s = sweep_s
         self.max_in_flight = max_in_flight
         self._wake_client = wake_client
+        # A gateway stops sending `margin` before its lease could run out; the lease is long
+        # enough that this leaves most of it usable, whatever the request timeout.
+        margin = sender.timeout_s + 2.0
         self.leases = BucketLeases(redis, keys, member, busy=self._bucket_busy,
-                                   lease_s=lease_s, margin_s=sender.timeout_s + 2.0)
+                                   lease_s=max(30.0, 3 * margin), margin_s=margin)
         self._mark = redis.register_script(_MARK)
         self._running: dict[int, bool] = {}  # task -> look again when this pass ends
         self._queued: collections.OrderedDict[int, None] = collections.OrderedDict()
