@@ -23,6 +23,8 @@ from taskcast.webhooks import WebhookService
 
 logger = logging.getLogger(__name__)
 
+WEBHOOK_REDIS_CONNECTIONS = 20
+
 
 def check(settings: Settings) -> str | None:
     """Why the webhook settings cannot work (for exit status 2 at start-up), or None."""
@@ -49,11 +51,16 @@ def webhook_service(settings: Settings, redis: Any, metrics: Metrics, *,
     policy = TargetPolicy(settings.webhook_allowed_hosts)
     sender = WebhookSender(policy, timeout_s=settings.webhook_timeout_s,
                            per_host=settings.webhook_per_host)
+    # Its own client: a burst of deliveries waits for these connections, not for REST's.
+    own = connect(settings.redis_url, timeout=settings.redis_timeout_s,
+                  max_connections=WEBHOOK_REDIS_CONNECTIONS, pool_timeout=30.0)
+    cluster = is_cluster_url(settings.redis_url)
     service = WebhookService(
-        redis, TaskKeys(settings.prefix), metrics,
+        own, TaskKeys(settings.prefix), metrics,
         WebhookSigner.from_setting(settings.webhook_secret), sender,
         wake_client=_wake_clients(settings, redis), member=secrets.token_hex(8),
-        horizon_s=settings.webhook_horizon_s, recheck_s=settings.webhook_recheck_s)
+        horizon_s=settings.webhook_horizon_s, recheck_s=settings.webhook_recheck_s,
+        prepare=(lambda: initialize_cluster(own)) if cluster else None)
     logger.info("delivering webhooks; targets allowed: %s", policy.describe())
     return service
 

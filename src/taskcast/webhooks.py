@@ -34,18 +34,18 @@ import datetime
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from taskcast.aio import Backoff, cancel_and_wait
-from taskcast.errors import CorruptRecord
+from taskcast.errors import CorruptRecord, StoreUnavailable
 from taskcast.keys import WEBHOOK_BUCKETS, TaskKeys
 from taskcast.metrics import Metrics
-from taskcast.models import Task, TaskStatus
-from taskcast.store import STORE_ERRORS, TaskStore
+from taskcast.models import RECORD_FIELDS, Task, TaskStatus
+from taskcast.store import STORE_ERRORS, with_staged_image
 from taskcast.webhook_leases import BucketLeases
 from taskcast.webhook_sender import Attempt, WebhookSender
 from taskcast.webhook_signing import WebhookSigner
@@ -154,19 +154,27 @@ def retry_delay_s(attempts: int, retry_after_s: float | None) -> float:
     return delay
 
 
+LOOK_ERRORS = (StoreUnavailable, *STORE_ERRORS)
+
+
 class WebhookService:
-    """Delivers the webhooks of the buckets this gateway holds; start() and close()."""
+    """Delivers the webhooks of the buckets this gateway holds; start() and close().
+
+    `redis` is the service's own client (close() closes it), so that a burst of deliveries
+    waits for its own connections rather than taking the ones REST reads need; `prepare` runs
+    before its first command (a cluster client's start-up)."""
 
     def __init__(self, redis: Any, keys: TaskKeys, metrics: Metrics, signer: WebhookSigner,
                  sender: WebhookSender, *, wake_client: Callable[[], Any],
                  member: str, horizon_s: float = 86_400.0, recheck_s: float = 15.0,
-                 sweep_s: float = 1.0, max_in_flight: int = 500) -> None:
+                 sweep_s: float = 1.0, max_in_flight: int = 500,
+                 prepare: Callable[[], Awaitable[None]] | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.metrics = metrics
         self.signer = signer
         self.sender = sender
-        self.store = TaskStore(redis, keys)
+        self._prepare = prepare
         self.horizon_ms = int(horizon_s * 1000)
         self.recheck_ms = int(recheck_s * 1000)
         self.sweep_s = sweep_s
@@ -215,6 +223,7 @@ class WebhookService:
                 logger.warning("webhook buckets not released (they expire by themselves): %s",
                                exc)
         await self.sender.close()
+        await self.redis.aclose()
 
     # -- scheduling
 
@@ -245,7 +254,7 @@ class WebhookService:
                 self._running[task_id] = False
                 try:
                     more = await self._process(task_id)
-                except STORE_ERRORS as exc:
+                except LOOK_ERRORS as exc:
                     # The entry keeps its score: the sweep looks again in a moment.
                     logger.warning("webhook of task %d postponed: %s", task_id, exc)
                     more = False
@@ -266,17 +275,15 @@ class WebhookService:
 
     async def _process(self, task_id: int) -> bool:
         """Send what is pending for the task, or schedule the next look; True to look again
-        at once (a message ended and a newer one may be pending)."""
+        at once (a newer message may be pending)."""
         index = self.keys.webhooks_of(task_id)
         member = str(task_id)
         try:
-            task = await self.store.get(task_id)
+            task, hook = await self._read(task_id)
         except CorruptRecord as exc:
             logger.error("webhook of task %d: %s", task_id, exc)
             await self.redis.zadd(index, {member: _now_ms() + CORRUPT_RETRY_MS})
             return False
-        hook = Hook.from_values(await self.redis.hmget(self.keys.record(task_id),
-                                                       WEBHOOK_FIELDS))
         if task is None or hook is None or hook.state in ("gone", "dead"):
             if task is None and task_id in self._retrying:
                 self.metrics.webhook_deliveries.labels("expired").inc()
@@ -298,12 +305,37 @@ class WebhookService:
             else:
                 await self.redis.zadd(index, {member: now + self.recheck_ms})
             return False
-        if not self.leases.holds(task_id % WEBHOOK_BUCKETS):
+        bucket = task_id % WEBHOOK_BUCKETS
+        if not self.leases.holds(bucket):
             return False  # the lease ran short meanwhile: leave it to the next owner
         body = envelope(kind, task)
         attempt = await self.sender.post(
-            hook.url, body, self.signer.headers(message_id(task), int(time.time()), body))
+            hook.url, body, self.signer.headers(message_id(task), int(time.time()), body),
+            still_wanted=lambda: self.leases.holds(bucket) and not self._closing)
+        if attempt.outcome == "skipped":
+            return False  # the entry is due still: the next owner (or the sweep) sends it
         return await self._record(task, hook, kind, attempt, index)
+
+    async def _read(self, task_id: int) -> tuple[Task | None, Hook | None]:
+        """The task (image included) and its webhook, from one HMGET (and the staged image,
+        if any)."""
+        record = self.keys.record(task_id)
+        try:
+            values = await self.redis.hmget(record, (*RECORD_FIELDS, *WEBHOOK_FIELDS))
+            task = Task.from_hmget(task_id, RECORD_FIELDS, values[:len(RECORD_FIELDS)])
+            if task is not None and task.image_omitted:
+                task = with_staged_image(task, await self.redis.get(self.keys.image(task_id)))
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"reading task {task_id} failed: {exc}") from exc
+        return task, Hook.from_values(values[len(RECORD_FIELDS):])
+
+    async def _settled(self, task: Task, index: str) -> None:
+        """After a message ended: drop a finished task's entry, or look again at the recheck
+        (a newer change wakes this gateway before that)."""
+        if task.is_terminal:
+            await self.redis.zrem(index, str(task.task_id))
+        else:
+            await self.redis.zadd(index, {str(task.task_id): _now_ms() + self.recheck_ms})
 
     async def _record(self, task: Task, hook: Hook, kind: str, attempt: Attempt,
                       index: str) -> bool:
@@ -316,7 +348,8 @@ class WebhookService:
             self._retrying.discard(task_id)
             await self._mark(keys=[record], args=[task.version, *_CLEAR_FAILURES,
                                                   "webhook_last_error", ""])
-            return True
+            await self._settled(task, index)
+            return False
         if attempt.outcome == "gone":
             self.metrics.webhook_deliveries.labels("gone").inc()
             logger.info("webhook of task %d: the receiver answered 410; no more messages",
@@ -336,7 +369,8 @@ class WebhookService:
             self._retrying.discard(task_id)
             await self._mark(keys=[record], args=[task.version, *_CLEAR_FAILURES,
                                                   "webhook_last_error", attempt.error])
-            return True
+            await self._settled(task, index)
+            return False
         attempts = hook.attempts + 1
         failing_since = hook.failing_since_ms or now
         if now - failing_since >= self.horizon_ms:
@@ -364,6 +398,8 @@ class WebhookService:
     async def _lease_loop(self) -> None:
         interval = max(1.0, self.leases.lease_ms / 1000 / 6)
         backoff = Backoff(base=0.5, cap=interval)
+        if self._prepare is not None:
+            await self._prepare()
         while not self._closing:
             try:
                 taken = await self.leases.tick()
@@ -383,7 +419,7 @@ class WebhookService:
             try:
                 for bucket in self.leases.held:
                     await self._look_at_bucket(bucket, due_only=True)
-            except STORE_ERRORS as exc:
+            except LOOK_ERRORS as exc:
                 logger.warning("webhook sweep postponed: %s", exc)
 
     async def _look_at_bucket(self, bucket: int, *, due_only: bool) -> None:
