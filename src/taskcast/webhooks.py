@@ -195,6 +195,8 @@ class WebhookService:
         self._closing = False
         self.wake_connected = False
         metrics.webhook_retries_pending.set_function(lambda: len(self._retrying))
+        # Read when scraped: a gauge set after each renewal lagged behind the first deliveries.
+        metrics.webhook_buckets.set_function(lambda: len(self.leases.held))
 
     def start(self) -> None:
         """Lease buckets, listen for wakes and sweep, in the background until close()."""
@@ -408,7 +410,6 @@ class WebhookService:
                 logger.warning("webhook bucket leases not renewed: %s", exc)
                 await asyncio.sleep(backoff.next())
                 continue
-            self.metrics.webhook_buckets.set(len(self.leases.held))
             for bucket in taken:
                 await self._look_at_bucket(bucket, due_only=False)
             await asyncio.sleep(interval * random.uniform(0.8, 1.0))
