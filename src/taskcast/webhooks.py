@@ -255,15 +255,13 @@ class WebhookService:
             while again and not self._closing:
                 self._running[task_id] = False
                 try:
-                    more = await self._process(task_id)
+                    await self._process(task_id)
                 except LOOK_ERRORS as exc:
                     # The entry keeps its score: the sweep looks again in a moment.
                     logger.warning("webhook of task %d postponed: %s", task_id, exc)
-                    more = False
                 except Exception:
                     logger.exception("webhook of task %d failed; the sweep tries again", task_id)
-                    more = False
-                again = more or self._running.get(task_id, False)
+                again = self._running.get(task_id, False)  # woken meanwhile: look again
         finally:
             del self._running[task_id]
             self._busy_buckets[bucket] -= 1
@@ -275,9 +273,9 @@ class WebhookService:
 
     # -- one look at one task
 
-    async def _process(self, task_id: int) -> bool:
-        """Send what is pending for the task, or schedule the next look; True to look again
-        at once (a newer message may be pending)."""
+    async def _process(self, task_id: int) -> None:
+        """Send what is pending for the task, or schedule the next look. A change made
+        meanwhile wakes this gateway, and _run looks again."""
         index = self.keys.webhooks_of(task_id)
         member = str(task_id)
         try:
@@ -285,7 +283,7 @@ class WebhookService:
         except CorruptRecord as exc:
             logger.error("webhook of task %d: %s", task_id, exc)
             await self.redis.zadd(index, {member: _now_ms() + CORRUPT_RETRY_MS})
-            return False
+            return
         if task is None or hook is None or hook.state in ("gone", "dead"):
             if task is None and task_id in self._retrying:
                 self.metrics.webhook_deliveries.labels("expired").inc()
@@ -293,12 +291,12 @@ class WebhookService:
                                "delivery was being retried", task_id)
             self._retrying.discard(task_id)
             await self.redis.zrem(index, member)
-            return False
+            return
         now = _now_ms()
         if hook.attempts and hook.retry_at_ms > now:
             self._retrying.add(task_id)
             await self.redis.zadd(index, {member: hook.retry_at_ms})
-            return False
+            return
         kind = next_message(task, hook)
         if kind is None:
             self._retrying.discard(task_id)
@@ -306,17 +304,17 @@ class WebhookService:
                 await self.redis.zrem(index, member)  # finished and nothing left to send
             else:
                 await self.redis.zadd(index, {member: now + self.recheck_ms})
-            return False
+            return
         bucket = task_id % WEBHOOK_BUCKETS
         if not self.leases.holds(bucket):
-            return False  # the lease ran short meanwhile: leave it to the next owner
+            return  # the lease ran short meanwhile: leave it to the next owner
         body = envelope(kind, task)
         attempt = await self.sender.post(
             hook.url, body, self.signer.headers(message_id(task), int(time.time()), body),
             still_wanted=lambda: self.leases.holds(bucket) and not self._closing)
         if attempt.outcome == "skipped":
-            return False  # the entry is due still: the next owner (or the sweep) sends it
-        return await self._record(task, hook, kind, attempt, index)
+            return  # the entry is due still: the next owner (or the sweep) sends it
+        await self._record(task, hook, kind, attempt, index)
 
     async def _read(self, task_id: int) -> tuple[Task | None, Hook | None]:
         """The task (image included) and its webhook, from one HMGET (and the staged image,
@@ -340,7 +338,7 @@ class WebhookService:
             await self.redis.zadd(index, {str(task.task_id): _now_ms() + self.recheck_ms})
 
     async def _record(self, task: Task, hook: Hook, kind: str, attempt: Attempt,
-                      index: str) -> bool:
+                      index: str) -> None:
         task_id, member, now = task.task_id, str(task.task_id), _now_ms()
         record = self.keys.record(task_id)
         self.metrics.webhook_request_seconds.observe(attempt.duration_s)
@@ -351,7 +349,7 @@ class WebhookService:
             await self._mark(keys=[record], args=[task.version, *_CLEAR_FAILURES,
                                                   "webhook_last_error", ""])
             await self._settled(task, index)
-            return False
+            return
         if attempt.outcome == "gone":
             self.metrics.webhook_deliveries.labels("gone").inc()
             logger.info("webhook of task %d: the receiver answered 410; no more messages",
@@ -361,7 +359,7 @@ class WebhookService:
                                                   "webhook_last_error", "HTTP 410",
                                                   *_CLEAR_FAILURES])
             await self.redis.zrem(index, member)
-            return False
+            return
         if attempt.outcome == "refused":
             # Not retried: the allowlist says no, and will until it is changed (a later
             # message of the task is tried again, against the allowlist of that time).
@@ -372,7 +370,7 @@ class WebhookService:
             await self._mark(keys=[record], args=[task.version, *_CLEAR_FAILURES,
                                                   "webhook_last_error", attempt.error])
             await self._settled(task, index)
-            return False
+            return
         attempts = hook.attempts + 1
         failing_since = hook.failing_since_ms or now
         if now - failing_since >= self.horizon_ms:
@@ -384,7 +382,7 @@ class WebhookService:
                                                   "webhook_last_error", attempt.error,
                                                   *_CLEAR_FAILURES])
             await self.redis.zrem(index, member)
-            return False
+            return
         self.metrics.webhook_deliveries.labels("failed").inc()
         delay_ms = int(retry_delay_s(attempts, attempt.retry_after_s) * 1000)
         retry_at = min(now + delay_ms, failing_since + self.horizon_ms)
@@ -393,7 +391,6 @@ class WebhookService:
             "", "webhook_attempts", attempts, "webhook_failing_since", failing_since,
             "webhook_retry_at", retry_at, "webhook_last_error", attempt.error])
         await self.redis.zadd(index, {member: retry_at})
-        return False
 
     # -- the loops
 
