@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from taskcast import access, busy, redaction, server, sse, ws
 from taskcast.broker import RedisPubSubBroker
 from taskcast.broker_cluster import ShardedPubSubBroker
-from taskcast.connection import connect, initialize_cluster, is_cluster_url
+from taskcast.connection import connect, initialize_cluster, is_cluster_url, safe_url
 from taskcast.cors import CorsPolicy
 from taskcast.delivery import Connections
 from taskcast.demo import SimulatedWorker, demo_routes
@@ -196,7 +196,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
             app.state.webhook_signer = (WebhookSigner.from_setting(settings.webhook_secret)
                                         if settings.webhook_secret else None)
         logger.info("taskcast serving tasks from %s (prefix %r); access control: %s",
-                    _safe_url(settings.redis_url), settings.prefix, access.describe(settings))
+                    safe_url(settings.redis_url), settings.prefix, access.describe(settings))
         try:
             yield
         finally:
@@ -278,10 +278,3 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     # Starlette logs the traceback after this handler; the client sees the seed's 500 body only.
     return internal_error()
 
-
-def _safe_url(url: str) -> str:
-    """The Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"

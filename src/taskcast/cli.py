@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     webhooks = commands.add_parser(
         "webhooks", help="deliver webhooks only, without the HTTP gateway (run `taskcast serve` "
         "with --webhooks off beside it)")
-    _add_settings_flags(webhooks, [spec.name for spec in fields(Settings)
-                                   if spec.name == "redis_url" or spec.name == "prefix"
-                                   or spec.name == "log_level" or spec.name == "redis_timeout_s"
-                                   or spec.name.startswith(("webhook_", "metrics_"))])
+    _add_settings_flags(webhooks, [
+        spec.name for spec in fields(Settings)
+        if spec.name in ("redis_url", "prefix", "log_level", "redis_timeout_s")
+        or spec.name.startswith(("webhook_", "metrics_"))])
 
     task = commands.add_parser("task", help="create, advance or read a task (operator tool)")
     actions = task.add_subparsers(dest="action", required=True)

@@ -115,3 +115,11 @@ async def initialize_cluster(redis: object) -> None:
         await redis.initialize()  # type: ignore[attr-defined]
     except STORE_ERRORS as exc:
         logger.warning("Redis Cluster not reachable at start-up (%s); will keep trying", exc)
+
+
+def safe_url(url: str) -> str:
+    """The Redis URL without its credentials, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -105,11 +105,6 @@ class _HostTurns:
         else:
             self._turns[host] = (semaphore, users - 1)
 
-    @property
-    def busy_hosts(self) -> int:
-        """Hosts with a request under way or waiting."""
-        return len(self._turns)
-
 
 @dataclass(slots=True)
 class _Turn:
@@ -131,7 +126,6 @@ class WebhookSender:
         self.policy = policy
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
-        self.per_host = per_host
         self._turns = _HostTurns(per_host)
         self._ssl = ssl_context or ssl.create_default_context(cafile=certifi.where())
         # Idle connections by (scheme, host, port, address): reused only for the host (and
@@ -170,7 +164,7 @@ class WebhookSender:
             except TimeoutError:
                 return Attempt("retry", error=f"no answer within {self.timeout_s:g} s",
                                duration_s=time.monotonic() - started)
-            except (OSError, ConnectionError, h11.ProtocolError, ssl.SSLError) as exc:
+            except (OSError, h11.ProtocolError) as exc:  # ConnectionError, ssl.SSLError too
                 return Attempt("retry", error=f"{type(exc).__name__}: {exc}"[:300],
                                duration_s=time.monotonic() - started)
             outcome = classify(status)

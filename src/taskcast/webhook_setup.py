@@ -12,7 +12,13 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from taskcast.connection import connect, initialize_cluster, is_cluster_url, is_memory_url
+from taskcast.connection import (
+    connect,
+    initialize_cluster,
+    is_cluster_url,
+    is_memory_url,
+    safe_url,
+)
 from taskcast.keys import TaskKeys
 from taskcast.metrics import Metrics, metrics_server
 from taskcast.settings import Settings
@@ -80,7 +86,7 @@ def _wake_clients(settings: Settings, redis: Any) -> Callable[[], Any]:
     def node_client() -> Any:
         attempts[0] += 1
         target = seed
-        nodes = [node for node in _cluster_nodes(redis)]
+        nodes = _cluster_nodes(redis)
         if attempts[0] > 1 and nodes:
             host, port = random.choice(nodes)
             auth = seed.netloc.rpartition("@")[0]
@@ -126,7 +132,7 @@ async def _run(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     service.start()
-    logger.info("taskcast webhooks running against %s", _redacted(settings.redis_url))
+    logger.info("taskcast webhooks running against %s", safe_url(settings.redis_url))
     try:
         await stop.wait()
     finally:
@@ -137,10 +143,3 @@ async def _run(settings: Settings) -> None:
             listener.shutdown()
             listener.server_close()
 
-
-def _redacted(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(
-        netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))

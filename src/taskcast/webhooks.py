@@ -188,7 +188,6 @@ class WebhookService:
         self._mark = redis.register_script(_MARK)
         self._running: dict[int, bool] = {}  # task -> look again when this pass ends
         self._queued: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._busy_buckets: collections.Counter[int] = collections.Counter()
         self._retrying: set[int] = set()  # tasks this process knows to be in backoff
         self._workers: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -240,16 +239,16 @@ class WebhookService:
             self._queued[task_id] = None  # bounded by the tasks of the held buckets
             return
         self._running[task_id] = False
-        bucket = task_id % WEBHOOK_BUCKETS
-        self._busy_buckets[bucket] += 1
-        worker = asyncio.create_task(self._run(task_id, bucket))
+        worker = asyncio.create_task(self._run(task_id))
         self._workers.add(worker)
         worker.add_done_callback(self._workers.discard)
 
     def _bucket_busy(self, bucket: int) -> bool:
-        return self._busy_buckets[bucket] > 0
+        """Whether a look at one of the bucket's tasks is under way (asked only for buckets
+        being given up, so a pass over at most max_in_flight tasks)."""
+        return any(task_id % WEBHOOK_BUCKETS == bucket for task_id in self._running)
 
-    async def _run(self, task_id: int, bucket: int) -> None:
+    async def _run(self, task_id: int) -> None:
         try:
             again = True
             while again and not self._closing:
@@ -264,9 +263,6 @@ class WebhookService:
                 again = self._running.get(task_id, False)  # woken meanwhile: look again
         finally:
             del self._running[task_id]
-            self._busy_buckets[bucket] -= 1
-            if self._busy_buckets[bucket] <= 0:
-                del self._busy_buckets[bucket]
             while self._queued and len(self._running) < self.max_in_flight:
                 queued, _ = self._queued.popitem(last=False)
                 self.look(queued)
