@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +157,17 @@ async def wait_ready(client: httpx.AsyncClient, bound_s: float = 15) -> httpx.Re
             if response.status_code == 200:
                 return response
             await asyncio.sleep(0.05)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str,
+                     bound_s: float = 15.0) -> None:
+    """Poll `check` until it holds; an AssertionError naming `what` after `bound_s`."""
+    try:
+        async with asyncio.timeout(bound_s):
+            while not await check():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within {bound_s:g} s") from None
 
 
 def _bindable(port: int) -> bool:

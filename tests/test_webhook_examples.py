@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from standardwebhooks import Webhook
 from taskcast.keys import TaskKeys
 from taskcast.producer import Producer
 from taskcast.settings import Settings
-from tests.servers import RedisServer, free_port, run_gateway
+from tests.servers import RedisServer, eventually, free_port, run_gateway
 from tests.test_examples import BOUND_S, EXAMPLES, Example, Spawn
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()  # the gateway's and receivers'
@@ -127,15 +126,6 @@ async def logged(run: Example, text: str) -> None:
     except TimeoutError:
         pass
     assert any(text in line for line in run.stderr), f"{text!r} not logged\n{run.transcript()}"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    try:
-        async with asyncio.timeout(BOUND_S):
-            while not await check():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"not within {BOUND_S:g} s: {what}")
 
 
 def message(kind: str, task_id: int, status: str, progress: int, version: int) -> bytes:
@@ -227,7 +217,7 @@ async def test_receiver_prints_verified_messages_in_order_and_nothing_else(
             async def gone() -> bool:
                 return await redis.hget(record, "webhook_state") == b"gone"
 
-            await eventually(gone, f"task {cancelled} marked gone after the 410")
+            await eventually(gone, f"task {cancelled} marked gone after the 410", BOUND_S)
             await producer.complete(cancelled, image_url="https://cdn.example/3.png")
 
             # Validly signed, as a retry or a replay would be: a repeated webhook-id and an

@@ -18,7 +18,7 @@ import datetime
 import email.utils
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from taskcast.keys import WEBHOOK_BUCKETS, TaskKeys
 from taskcast.models import Task
 from taskcast.producer import Producer
 from taskcast.settings import Settings
-from tests.servers import Gateway, RedisServer, run_gateway
+from tests.servers import Gateway, RedisServer, eventually, run_gateway
 from tests.sse_client import read_metric
 from tests.webhook_receiver import Received, Receiver, Reply
 
@@ -80,16 +80,6 @@ async def receiver() -> AsyncIterator[Receiver]:
 async def record(redis: Any, keys: TaskKeys, task_id: int) -> dict[str, str]:
     raw = await redis.hgetall(keys.record(task_id))
     return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str,
-                     bound_s: float = BOUND_S) -> None:
-    try:
-        async with asyncio.timeout(bound_s):
-            while not await check():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"{what}: not within {bound_s} s") from None
 
 
 async def wait_record(redis: Any, keys: TaskKeys, task_id: int,

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ from tests.servers import (
     RedisClusterNodes,
     RedisServer,
     clean_environ,
+    eventually,
     free_port,
     kill,
     run_gateway,
@@ -58,6 +59,7 @@ from tests.servers import (
 )
 from tests.sse_client import read_metric, wait_for_metric
 from tests.test_cluster import Layout, spread_task_ids
+from tests.test_webhooks import indexed, record
 from tests.webhook_receiver import Receiver, Reply
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -74,27 +76,6 @@ REQUEST_TIMEOUT_S = 20.0
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], bound_s: float, what: str) -> None:
-    """Poll `check` until it holds; AssertionError naming `what` after `bound_s`."""
-    try:
-        async with asyncio.timeout(bound_s):
-            while not await check():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not happen within {bound_s} s") from None
-
-
-async def record(redis: Any, keys: TaskKeys, task_id: int) -> dict[str, str]:
-    raw = await redis.hgetall(keys.record(task_id))
-    return {k.decode(): v.decode() for k, v in raw.items()}
-
-
-async def indexed(redis: Any, keys: TaskKeys, task_id: int) -> float | None:
-    """The task's score in its webhooks bucket (None: not there)."""
-    score = await redis.zscore(keys.webhooks_of(task_id), str(task_id))
-    return None if score is None else float(score)
 
 
 def message_id(task: Task) -> str:
@@ -190,7 +171,7 @@ async def wait_owned(redis: Any, keys: TaskKeys, bucket: int, process: subproces
             pytest.fail(f"taskcast webhooks exited {process.returncode}:\n{log()}")
         return await redis.get(keys.webhook_owner(bucket)) is not None
 
-    await wait_until(leased, BOUND_S, f"a lease of bucket {bucket}")
+    await eventually(leased, f"a lease of bucket {bucket}", BOUND_S)
     owner = await redis.get(keys.webhook_owner(bucket))
     assert owner is not None
     return bytes(owner)
@@ -256,8 +237,8 @@ async def test_a_killed_webhooks_process_is_taken_over_with_the_same_webhook_id(
         await receiver.wait_for_match("/hook", lambda r: r.reply.status == 204,
                                       timeout=lease_left_s + TAKEOVER_SLACK_S,
                                       what="the message from the second process")
-        await wait_until(lambda: _not_indexed(redis, keys, done.task_id), BOUND_S,
-                         "the index entry's removal")
+        await eventually(lambda: _not_indexed(redis, keys, done.task_id),
+                         "the index entry's removal", BOUND_S)
         new_owner = (await owners(redis, keys)).get(bucket)
         final = await record(redis, keys, done.task_id)
         log = processes.log(second)
@@ -299,8 +280,8 @@ async def test_a_stopped_webhooks_process_gives_its_buckets_to_the_next_at_once(
         await receiver.wait_for_match("/hook", lambda r: r.reply.status == 204,
                                       timeout=lease_left_s / 2,
                                       what="the message from the second process")
-        await wait_until(lambda: _not_indexed(redis, keys, done.task_id), BOUND_S,
-                         "the index entry's removal")
+        await eventually(lambda: _not_indexed(redis, keys, done.task_id),
+                         "the index entry's removal", BOUND_S)
         assert await processes.stop(second) == 0, processes.log(second)
 
     assert left_owners == {}, f"leases left behind by {member!r}: {left_owners}"
@@ -499,8 +480,9 @@ async def test_two_gateways_on_a_cluster_deliver_each_message_once_on_wakes(
                     return all(s is not None and s > horizon for s in scores)
 
                 # The second gateway gets its share within two lease ticks (~5 s each).
-                await wait_until(shared_and_looked_at, 3 * BOUND_S,
-                                 "two gateways holding 8 buckets each, every entry rescheduled")
+                await eventually(shared_and_looked_at,
+                                 "two gateways holding 8 buckets each, every entry rescheduled",
+                                 3 * BOUND_S)
                 held = [set(s.leases.held) for s in services]
 
                 finals = {}
@@ -520,7 +502,7 @@ async def test_two_gateways_on_a_cluster_deliver_each_message_once_on_wakes(
                     scores = [await indexed(producer.redis, keys, t) for t in task_ids]
                     return all(s is None for s in scores)
 
-                await wait_until(settled, BOUND_S, "every index entry removed")
+                await eventually(settled, "every index entry removed", BOUND_S)
                 held_after = [set(s.leases.held) for s in services]
                 delivered = [await read_metric(client, DELIVERIES, outcome="delivered")
                              for client in (client_a, client_b)]
@@ -641,7 +623,7 @@ async def test_non_public_targets_are_refused_without_a_connection_unless_allowe
                     return False
             return all([await indexed(redis, keys, t.task_id) is None for t in finals.values()])
 
-        await wait_until(all_ended, REQUEST_TIMEOUT_S - 5, "every message delivered or refused")
+        await eventually(all_ended, "every message delivered or refused", REQUEST_TIMEOUT_S - 5)
         records = {name: await record(redis, keys, task.task_id)
                    for name, task in finals.items()}
         refused = await read_metric(client, DELIVERIES, outcome="refused")
