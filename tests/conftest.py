@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from taskcast.connection import connect
-from taskcast.producer import Producer
+from taskcast.connection import connect, connect_sync
+from taskcast.producer import Producer, SyncProducer
 from taskcast.settings import Settings
 from tests.servers import Gateway, RedisServer, run_gateway
 from tests.test_examples import ROOT as EXAMPLES_ROOT
 from tests.test_examples import Example, Spawn, example_env
+from tests.test_script_limits import Flavour
 from tests.test_update_script import ScriptStore
 
 _prefixes = itertools.count()
@@ -112,3 +113,18 @@ async def spawn() -> AsyncIterator[Spawn]:
     finally:
         for example in running:
             await example.kill()
+
+
+@pytest.fixture(params=["Producer", "SyncProducer"])
+async def flavour(
+    request: pytest.FixtureRequest, redis: aioredis.Redis, redis_server: RedisServer,
+    prefix: str,
+) -> AsyncIterator[Flavour]:
+    if request.param == "Producer":
+        yield Flavour(Producer(redis, prefix=prefix))
+        return
+    client = connect_sync(redis_server.url)
+    try:
+        yield Flavour(SyncProducer(client, prefix=prefix))
+    finally:
+        client.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -783,21 +782,6 @@ class Flavour:
             result = await result
         assert isinstance(result, Task)
         return result
-
-
-@pytest.fixture(params=["Producer", "SyncProducer"])
-async def flavour(
-    request: pytest.FixtureRequest, redis: aioredis.Redis, redis_server: RedisServer,
-    prefix: str,
-) -> AsyncIterator[Flavour]:
-    if request.param == "Producer":
-        yield Flavour(Producer(redis, prefix=prefix))
-        return
-    client = connect_sync(redis_server.url)
-    try:
-        yield Flavour(SyncProducer(client, prefix=prefix))
-    finally:
-        client.close()
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from taskcast.connection import connect_sync
 from taskcast.errors import TransitionRejected
 from taskcast.keys import WEBHOOK_BUCKETS, TaskKeys
-from taskcast.producer import Producer, SyncProducer
 from tests.channels import Published, subscribed
-from tests.servers import RedisServer
 from tests.test_script_limits import (
     Flavour,
     assert_unchanged,
@@ -319,21 +316,6 @@ async def test_the_wake_channel_follows_the_prefix(store: ScriptStore) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Producers.
-
-@pytest.fixture(params=["Producer", "SyncProducer"])
-async def flavour(
-    request: pytest.FixtureRequest, redis: aioredis.Redis, redis_server: RedisServer,
-    prefix: str,
-) -> AsyncIterator[Flavour]:
-    if request.param == "Producer":
-        yield Flavour(Producer(redis, prefix=prefix))
-        return
-    client = connect_sync(redis_server.url)
-    try:
-        yield Flavour(SyncProducer(client, prefix=prefix))
-    finally:
-        client.close()
-
 
 PRODUCER_REFUSALS = [
     pytest.param({"webhook_url": URL_8192 + "a"}, "TOO_LARGE", id="url-8193-bytes"),
