@@ -193,6 +193,7 @@ class WebhookService:
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
         self.wake_connected = False
+        self._wake_closing: asyncio.Future[None] | None = None
         metrics.webhook_retries_pending.set_function(lambda: len(self._retrying))
         # Read when scraped: a gauge set after each renewal lagged behind the first deliveries.
         metrics.webhook_buckets.set_function(lambda: len(self.leases.held))
@@ -210,6 +211,8 @@ class WebhookService:
         self._closing = True
         for loop in self._loops:
             await cancel_and_wait(loop)
+        if self._wake_closing is not None:  # the wake connection's close, shielded from that
+            await asyncio.wait([self._wake_closing], timeout=2.0)
         self._queued.clear()
         workers = list(self._workers)
         if workers:
@@ -446,11 +449,11 @@ class WebhookService:
                 logger.warning("webhook wake subscription lost (%s); sweeping meanwhile", exc)
             finally:
                 self.wake_connected = False
-                try:
-                    await pubsub.aclose()
-                    await client.aclose()
-                except STORE_ERRORS:
-                    pass
+                # Shielded: close() cancels this loop every 0.1 s until it ends, and a cancel
+                # landing in pubsub.aclose() used to skip client.aclose(), leaving the
+                # connection open until the garbage collector found it (a ResourceWarning).
+                self._wake_closing = asyncio.ensure_future(_close_quietly(pubsub, client))
+                await asyncio.shield(self._wake_closing)
             await asyncio.sleep(backoff.next())
 
     async def _listen(self, pubsub: Any, backoff: Backoff) -> None:
@@ -479,6 +482,15 @@ class WebhookService:
                 text = data.decode() if isinstance(data, bytes) else str(data)
                 if text.isascii() and text.isdigit() and len(text) <= 19:
                     self.look(int(text))
+
+
+async def _close_quietly(pubsub: Any, client: Any) -> None:
+    """Close a wake subscription and its client, each even if the other fails."""
+    for closing in (pubsub.aclose, client.aclose):
+        try:
+            await closing()
+        except STORE_ERRORS:
+            pass
 
 
 def _now_ms() -> int:
