@@ -21,12 +21,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from taskcast.aio import cancel_and_wait
 from taskcast.broker import RedisPubSubBroker
+from taskcast.connection import never_reconnect
 from taskcast.hub import BrokerListener
 from taskcast.keys import TaskKeys
 from taskcast.store import STORE_ERRORS
@@ -152,10 +151,10 @@ class ShardedPubSubBroker:
     def _node_broker(self, name: str) -> RedisPubSubBroker:
         if name not in self._nodes:
             host, port = name.rsplit(":", 1)
-            # No retries: the node broker rebuilds its connection itself (see connection.py).
+            # No retry, no reconnect: the node broker rebuilds its connection itself.
             node_client = Redis(host=host, port=int(port), socket_timeout=self.node_timeout_s,
                                 socket_connect_timeout=self.node_timeout_s,
-                                retry=Retry(NoBackoff(), 0), protocol=2)
+                                retry=never_reconnect(), protocol=2)
             broker = RedisPubSubBroker(
                 node_client, self.keys, ping_deadline_s=self.ping_deadline_s, sharded=True,
                 control_channel=self._control_channel_for(name),

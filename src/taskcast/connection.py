@@ -12,7 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from taskcast.store import STORE_ERRORS
 
@@ -47,6 +47,19 @@ def _memory_server(url: str) -> Any:
     return _memory_servers[name]
 
 
+def never_reconnect() -> Retry:
+    """A retry policy for connections the caller rebuilds itself (pub/sub): no retry, and
+    no reconnect either.
+
+    redis-py runs a failed command's failure handler, which disconnects *and connects again*,
+    even with zero retries. On a pub/sub connection the reader and the writer coroutine can
+    both fail at once; each then reconnects the same connection, and the socket opened first
+    is overwritten and never closed (a ResourceWarning, and a leaked socket per outage). Only
+    the errors a Retry supports reach that handler, so supporting none lets every error
+    propagate untouched to the broker, which closes the connection and builds a new one."""
+    return Retry(NoBackoff(), 0, supported_errors=())
+
+
 def connect(
     url: str, *, timeout: float = 2.0, max_connections: int = 50, retries: int = 2,
     protocol: int | None = None, pool_timeout: float | None = None,
@@ -54,8 +67,8 @@ def connect(
     """An asyncio client that fails fast: a request should see a 500 within about `timeout`
     seconds of Redis going away, not after redis-py's default ten retries.
 
-    `retries=0` is for pub/sub: redis-py's silent reconnect there races with a second
-    coroutine using the same connection, so the broker rebuilds the connection itself.
+    `retries=0` is for pub/sub: no retry and no reconnect inside a command (see
+    never_reconnect), so the broker rebuilds the connection itself.
     `protocol=2` is for pub/sub too: redis-py's RESP3 push path looks up a logger for every
     message, a measurable share of the gateway's CPU per event.
     `pool_timeout` (default `timeout`): how long a command waits for a free connection."""
@@ -83,7 +96,8 @@ def connect(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=retries),
+        retry=(Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=retries)
+               if retries > 0 else never_reconnect()),
         max_connections=max_connections,
         timeout=timeout if pool_timeout is None else pool_timeout,
         health_check_interval=0,
