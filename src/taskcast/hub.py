@@ -294,12 +294,20 @@ class Watcher:
 # -- the hub --------------------------------------------------------------------------------
 
 
+class Retainer(Protocol):
+    """Who keeps a task followed without a mailbox (the REST poll cache, poll_cache.py)."""
+
+    def on_state(self, state: TaskState) -> None:
+        """A newer state of a retained task is now the hub's (for its memory accounting)."""
+
+
 class _Topic:
-    __slots__ = ("watchers", "state")
+    __slots__ = ("watchers", "state", "retainer")
 
     def __init__(self) -> None:
         self.watchers: set[Watcher] = set()
         self.state: TaskState | None = None
+        self.retainer: Retainer | None = None
 
 
 class Hub:
@@ -376,12 +384,39 @@ class Hub:
             if topic is None:
                 continue
             topic.watchers.discard(watcher)
-            if not topic.watchers:
+            if not topic.watchers and topic.retainer is None:
                 del self._topics[task_id]
                 self.broker.unsubscribe(task_id)
                 changed = True
         if changed:
             self._update_gauges()
+
+    def retain(self, task_id: int, retainer: Retainer) -> None:
+        """Follow a task without a watcher: subscribed, re-read and kept current like a
+        watched one (state_of), until release(). One retainer per task."""
+        topic = self._topics.get(task_id)
+        if topic is None:
+            topic = self._topics[task_id] = _Topic()
+            self.broker.subscribe(task_id)
+            self._update_gauges()
+        topic.retainer = retainer
+
+    def release(self, task_id: int) -> None:
+        """End retain(); the subscription goes when no watcher is left either."""
+        topic = self._topics.get(task_id)
+        if topic is None:
+            return
+        topic.retainer = None
+        if not topic.watchers:
+            del self._topics[task_id]
+            self.broker.unsubscribe(task_id)
+            self._update_gauges()
+
+    def state_of(self, task_id: int) -> TaskState | None:
+        """The newest state of a followed task, which every watcher has been offered or
+        holds; None when the task is not followed or its state is unknown or gone."""
+        topic = self._topics.get(task_id)
+        return topic.state if topic is not None else None
 
     def holds_terminal(self, watcher: Watcher, task_id: int) -> bool:
         """Whether the watcher already holds the terminal state the hub knows for the task."""
@@ -398,6 +433,18 @@ class Hub:
         topic = self._topics.get(task_id)
         if topic is not None and topic.state is not None:
             return topic.state.task
+        return await self.read(task_id)
+
+    async def read(self, task_id: int, *, join: bool = True) -> Task | None:
+        """The record as the store has it now, also when the hub knows a state (whose
+        freshness hangs on the broker); a followed task's state is updated from it.
+
+        Concurrent reads of one task share one store read; `join=False` reads on its own
+        (a read that began before the caller's own write would miss it). Raises
+        StoreUnavailable, or CorruptRecord for a record that breaks the contract.
+        """
+        if not join:
+            return await self._read(task_id)
         pending = self._lookups.get(task_id)
         if pending is None:
             pending = asyncio.ensure_future(self._read(task_id))
@@ -493,6 +540,8 @@ class Hub:
             if not (task.is_terminal and not current.terminal):
                 return
         state = topic.state = TaskState(task)
+        if topic.retainer is not None:
+            topic.retainer.on_state(state)
         # A snapshot: a watcher that writes at once may end its client and leave the topic.
         for watcher in tuple(topic.watchers):
             watcher.offer(state)
@@ -562,12 +611,15 @@ class Hub:
     async def _periodic_resync(self) -> None:
         while True:
             await asyncio.sleep(self.resync_interval_s)
-            unfinished = [
+            # A polled (retained) task is re-read even when finished: its record expires
+            # after the retention, and polls must then say 404 (contract 3).
+            due = [
                 task_id
                 for task_id, topic in self._topics.items()
                 if topic.state is None or not topic.state.terminal
+                or topic.retainer is not None
             ]
-            self.mark_dirty(unfinished, "periodic")
+            self.mark_dirty(due, "periodic")
 
     def _update_gauges(self) -> None:
         self.metrics.watched_tasks.set(len(self._topics))
