@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from taskcast import access, busy, redaction, server, sse, ws
+from taskcast import access, busy, redaction, rest, server, sse, ws
 from taskcast.broker import RedisPubSubBroker
 from taskcast.broker_cluster import ShardedPubSubBroker
 from taskcast.connection import connect, initialize_cluster, is_cluster_url, safe_url
@@ -35,9 +35,9 @@ from taskcast.hub import Broker, Hub
 from taskcast.keys import TaskKeys
 from taskcast.metrics import Metrics, metrics_endpoint, metrics_server
 from taskcast.openapi import openapi_json
+from taskcast.poll_cache import PollCache, PollCacheCollector
 from taskcast.producer import Producer
 from taskcast.responses import envelope, internal_error
-from taskcast.rest import get_task
 from taskcast.settings import Settings
 from taskcast.static import browser_client
 from taskcast.store import TaskStore
@@ -84,7 +84,7 @@ class GatewayApp:
             server.on_server_shutdown(scope, self._server_shutdown)
             await self.app(scope, receive, send)
             return
-        route = _push_route(kind, scope)
+        route = _route(kind, scope)
         if route is None and not (kind == "http" and scope["path"].startswith("/tasks/")):
             await self.app(scope, receive, send)  # the service endpoints are never refused
             return
@@ -109,11 +109,20 @@ class GatewayApp:
             connections.shutdown()
 
 
-def _push_route(kind: str, scope: Scope) -> tuple[PushHandler, dict[str, str]] | None:
+async def _poll(scope: Scope, receive: Receive, send: Send, path_params: dict[str, str]
+                ) -> None:
+    await rest.serve(scope, receive, send)
+
+
+def _route(kind: str, scope: Scope) -> tuple[PushHandler, dict[str, str]] | None:
+    """The handler that takes this request past Starlette: a push transport, or a GET of a
+    task (the REST poll, plain ASGI for speed); None for the Starlette app."""
     path: str = scope["path"]
     if kind == "http":
         if scope["method"] not in ("GET", "HEAD"):  # HEAD: clients probing why a stream failed
             return None
+        if scope["method"] == "GET" and path.count("/") == 2 and path.startswith("/tasks/"):
+            return _poll, {}
         if path == "/events":
             return sse.serve, {}
         suffix, handler = "/events", sse.serve
@@ -175,8 +184,16 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
                                  else None)
         app.state.server_support = support
         connections = app.state.connections = Connections(hub, metrics, settings, gate)
+        poll_cache = app.state.poll_cache = None
+        if settings.poll_watch_s > 0 and settings.poll_cache_tasks > 0:
+            poll_cache = app.state.poll_cache = PollCache(
+                hub, broker, watch_s=settings.poll_watch_s,
+                max_tasks=settings.poll_cache_tasks, max_bytes=settings.poll_cache_bytes)
+            metrics.registry.register(PollCacheCollector(poll_cache))
         hub.start()
         connections.start()
+        if poll_cache is not None:
+            poll_cache.start()
         sweeper = None
         if settings.timeout_sweep_s > 0:
             sweeper = TimeoutSweeper(redis, keys, metrics, sharded=app.state.cluster,
@@ -211,15 +228,17 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
             if webhooks is not None:
                 await webhooks.close()
             await connections.close()
+            if poll_cache is not None:
+                await poll_cache.close()
             await hub.close()
             await redis.aclose()
             if pubsub_redis is not redis:
                 await pubsub_redis.aclose()
 
     routes = [
-        Route("/tasks/{task_id}", get_task, methods=["GET"]),
+        Route("/tasks/{task_id}", rest.get_task, methods=["GET"]),
         # An empty id still gets the 422 body rather than a bare 404.
-        Route("/tasks/", get_task, methods=["GET"]),
+        Route("/tasks/", rest.get_task, methods=["GET"]),
         Route("/tasks/{task_id}/events", PushEndpoint(sse.serve), methods=["GET"]),
         Route("/events", PushEndpoint(sse.serve), methods=["GET"]),
         WebSocketRoute("/ws", PushEndpoint(ws.serve)),

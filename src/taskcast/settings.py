@@ -56,6 +56,20 @@ class Settings:
         default=5.0, metadata={"help": "how often this gateway fails tasks past their "
                                "timeout_s (seconds; 0: never, leave it to other gateways)"}
     )
+    poll_watch_s: float = field(
+        default=10.0, metadata={"help": "seconds a polled task stays followed in memory after "
+                                "its last REST poll, answering polls without Redis (0: every "
+                                "poll reads Redis)"}
+    )
+    poll_cache_tasks: int = field(
+        default=100_000, metadata={"help": "most polled tasks kept in memory (beyond: the least "
+                                   "recently polled goes)"}
+    )
+    poll_cache_bytes: int = field(
+        default=268_435_456, metadata={"help": "most bytes charged to polled tasks in memory: "
+                                       "2 KiB each plus twice its image_base64 (beyond: the "
+                                       "least recently polled goes)"}
+    )
     max_tasks_per_stream: int = field(
         default=1000, metadata={"help": "task ids one /events stream may watch"}
     )

@@ -264,7 +264,7 @@ async def task_events(request: Request) -> Response:
         return grant
     try:
         task_id = parse_task_id(request.path_params["task_id"])
-        include = image_base64_flag(request)
+        include = image_base64_flag(request.scope)
     except InvalidParameter as exc:
         return validation_error([exc.detail])
     refusal = http_forbidden(state.gate, grant, [task_id], "sse")
@@ -298,7 +298,7 @@ async def many_task_events(request: Request) -> Response:
     raw_ids = [part for value in request.query_params.getlist("task_id")
                for part in value.split(",")]
     try:
-        include = image_base64_flag(request)
+        include = image_base64_flag(request.scope)
         if not raw_ids:
             raise InvalidParameter("", {"type": "missing", "loc": ["query", "task_id"],
                                         "msg": "Field required", "input": None})

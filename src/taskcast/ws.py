@@ -23,7 +23,6 @@ from typing import Any
 
 import orjson
 from starlette.datastructures import Headers
-from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 
 from taskcast import server
@@ -387,7 +386,7 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
             return
     try:
         task_id = parse_task_id(path_params["task_id"]) if per_task else 0
-        include = image_base64_flag(HTTPConnection(scope)) if scope["query_string"] else True
+        include = image_base64_flag(scope)
     except InvalidParameter as exc:
         await refuse(send, CloseCode.INVALID_TASK_ID, str(exc)[:120])
         return
