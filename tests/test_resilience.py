@@ -18,7 +18,7 @@ import yaml
 from taskcast.connection import connect
 from taskcast.producer import Producer
 from taskcast.settings import Settings
-from tests.servers import Gateway, RedisServer, run_gateway, wait_ready
+from tests.servers import Gateway, RedisServer, eventually, run_gateway, wait_ready
 
 SEED = Path(__file__).parent / "data" / "task-status.openapi.yaml"
 SEED_RESPONSES = yaml.safe_load(SEED.read_text(encoding="utf-8"))["paths"]["/tasks/{task_id}"][
@@ -83,11 +83,17 @@ async def test_redis_down_gives_500_and_503_then_recovers_on_the_same_gateway(
     own_redis: RedisServer, prefix: str, how: str
 ) -> None:
     await create_task(own_redis, prefix, 41)
-    async with gateway_on(own_redis, prefix) as (_, client):
+    async with gateway_on(own_redis, prefix) as (gateway, client):
         seed_shape(await get(client, "/tasks/41"), 200)
         assert (await wait_ready(client)).json() == READY
 
         own_redis.stop() if how == "stop" else own_redis.kill()
+        # Until the gateway notices (its pub/sub connection breaks), a polled task is still
+        # answered from memory (poll_cache.py); from then on every poll reads Redis.
+        async def noticed() -> bool:
+            return not gateway.app.state.hub.broker.connected
+
+        await eventually(noticed, "the gateway notices that Redis is gone")
 
         assert_internal_error(await get(client, "/tasks/41"))
         # Every request keeps failing cleanly, including the If-None-Match path.
@@ -134,12 +140,17 @@ async def test_paused_redis_gives_500_within_the_redis_timeout_then_recovers(
     own_redis: RedisServer, prefix: str
 ) -> None:
     await create_task(own_redis, prefix, 9)
+    await create_task(own_redis, prefix, 10)
     async with gateway_on(own_redis, prefix) as (_, client):
         seed_shape(await get(client, "/tasks/9"), 200)  # a pooled connection exists
         own_redis.pause()
         try:
+            # Task 9 is polled, so answered from memory until the pub/sub connection is
+            # declared hung (redis_ping_deadline_s); task 10 is a miss and reads Redis.
+            assert seed_shape(await get(client, "/tasks/9", bound_s=1), 200)["data"][
+                "task_id"] == 9
             started = time.monotonic()
-            response = await get(client, "/tasks/9", bound_s=PAUSED_BOUND_S)
+            response = await get(client, "/tasks/10", bound_s=PAUSED_BOUND_S)
             elapsed = time.monotonic() - started
             assert_internal_error(response)
             assert elapsed >= REDIS_TIMEOUT_S * 0.9  # it did wait for Redis, then gave up
@@ -153,8 +164,8 @@ async def test_paused_redis_gives_500_within_the_redis_timeout_then_recovers(
         finally:
             own_redis.resume()
 
-        body = seed_shape(await get(client, "/tasks/9"), 200)
-        assert body["data"]["task_id"] == 9
+        body = seed_shape(await get(client, "/tasks/10"), 200)
+        assert body["data"]["task_id"] == 10
         assert (await wait_ready(client)).json() == READY
 
 
