@@ -1,7 +1,8 @@
 """The server adapter (server.py) against the real uvicorn it is pinned to.
 
 What the gateway relies on, checked on real connections: HttpLink's direct chunk writes, its
-idle check, the disconnect flag, the close take-over and abort; the shutdown notice; and the
+idle check, the disconnect flag, the close take-over and abort, its whole-response write
+(respond: pipelining, Connection: close, what it leaves to ASGI); the shutdown notice; and the
 start-up check, whose other side is pinned too: under a uvicorn without taskcast's protocol
 classes the gateway warns once, says so in /metrics, and still serves every transport."""
 
@@ -314,3 +315,100 @@ async def test_a_send_that_waits_after_all_is_reported_not_left_half_done() -> N
         server._run_now(waits())
     await asyncio.sleep(0.01)
     assert finished == []
+
+
+class RespondApp:
+    """An ASGI app that answers every request with HttpLink.respond when it can (a 200 with
+    the path as body, or a 304 for /not-modified), else through ASGI's send; it records
+    which way each request went."""
+
+    def __init__(self) -> None:
+        self.answered: list[tuple[str, str]] = []  # (path, "respond" | "asgi")
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if path == "/not-modified":
+            status, headers, body = 304, [(b"etag", b'"7"')], b""
+        else:
+            body = path.encode()
+            status, headers = 200, [(b"content-length", str(len(body)).encode()),
+                                    (b"content-type", b"text/plain")]
+        link = server.http_link(send)
+        if link is not None and link.respond(status, headers, body):
+            assert not link.respond(status, headers, body)  # one response per request
+            self.answered.append((path, "respond"))
+            return
+        self.answered.append((path, "asgi"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """Status line, headers and body (content-length bodies only) of one response."""
+    async with asyncio.timeout(BOUND_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, *lines = head[:-4].split(b"\r\n")
+        headers = dict(line.split(b": ", 1) for line in lines)
+        body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return status, headers, body
+
+
+async def test_respond_answers_pipelined_requests_whole_on_a_kept_connection() -> None:
+    app = RespondApp()
+    async with serving(app) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # Three requests in one write: uvicorn starts each after the previous response
+        # completed, which respond() must signal as its own send would.
+        writer.write(b"GET /first HTTP/1.1\r\nhost: t\r\n\r\n"
+                     b"GET /not-modified HTTP/1.1\r\nhost: t\r\n\r\n"
+                     b"GET /third HTTP/1.1\r\nhost: t\r\n\r\n")
+        answers = [await read_response(reader) for _ in range(3)]
+        assert [(status, body) for status, _, body in answers] == [
+            (b"HTTP/1.1 200 OK", b"/first"), (b"HTTP/1.1 304 Not Modified", b""),
+            (b"HTTP/1.1 200 OK", b"/third")]
+        for _, headers, _ in answers:
+            assert headers[b"server"] == b"uvicorn" and b"date" in headers  # uvicorn's own
+            assert b"connection" not in headers
+        assert answers[1][1][b"etag"] == b'"7"'
+        writer.write(b"GET /later HTTP/1.1\r\nhost: t\r\n\r\n")  # the connection stays open
+        assert (await read_response(reader))[2] == b"/later"
+        assert app.answered == [(path, "respond") for path in
+                                ("/first", "/not-modified", "/third", "/later")]
+        writer.close()
+
+
+async def test_respond_honours_connection_close() -> None:
+    app = RespondApp()
+    async with serving(app) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /bye HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert (status, body, headers[b"connection"]) == (b"HTTP/1.1 200 OK", b"/bye", b"close")
+        async with asyncio.timeout(BOUND_S):
+            assert await reader.read() == b""  # closed by the server
+        assert app.answered == [("/bye", "respond")]
+        writer.close()
+
+
+@pytest.mark.parametrize(("method", "options"), [("HEAD", {}), ("GET", {"access_log": True})])
+async def test_respond_leaves_head_requests_and_access_logging_to_asgi(
+    method: str, options: dict[str, Any]
+) -> None:
+    """A HEAD's body must be dropped and an access log line written, both in uvicorn's send:
+    respond() declines, and the ASGI path answers."""
+    app = RespondApp()
+    async with serving(app, **options) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"{method} /path HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+        async with asyncio.timeout(BOUND_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: 5" in head
+        if method == "GET":
+            assert await reader.readexactly(5) == b"/path"
+        assert app.answered == [("/path", "asgi")]
+        writer.close()

@@ -66,7 +66,8 @@ class PushEndpoint:
 class GatewayApp:
     """The ASGI application uvicorn runs: SSE and WebSocket requests go straight to their
     transports, skipping Starlette's middleware and routing (a push connection lives for
-    minutes, and each layer would keep a coroutine frame per connection and wrap every write);
+    minutes, and each layer would keep a coroutine frame per connection and wrap every write),
+    and so does a GET of a task (a poll answered from memory costs less than those layers);
     everything else goes through the Starlette app."""
 
     def __init__(self, app: Starlette) -> None:
@@ -76,8 +77,9 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI. The lifespan is the Starlette app's, after recording what the server
         offers (server_support) and asking to hear of its shutdown; a GET or HEAD of an SSE
-        path and a WebSocket on /ws or /tasks/{id}/ws go to their transport; all else to the
-        app. Task reads beyond `max_connections` are refused (busy.py)."""
+        path and a WebSocket on /ws or /tasks/{id}/ws go to their transport, a GET of
+        /tasks/{id} to rest.serve; all else to the app. Task reads beyond `max_connections`
+        are refused (busy.py)."""
         kind = scope["type"]
         if kind == "lifespan":
             self.app.state.server_support = server.server_support(send)

@@ -4,8 +4,9 @@ an opt-out of `image_base64` so pollers do not re-download a multi-megabyte imag
 Polled tasks are answered from memory (poll_cache.py) when the poll cache is on: the 200 body
 and headers are encoded once per version and `image_base64` choice, and shared by every poll
 and every gateway client. GatewayApp hands a GET straight to `serve` (plain ASGI, no Starlette
-routing or middleware on the way, the same reason the push transports skip them); HEAD and an
-app run without GatewayApp take the Starlette route `get_task`. Both answer through `reply`.
+routing or middleware on the way, the same reason the push transports skip them), which on
+uvicorn writes the answer in one piece (server.HttpLink.respond); HEAD and an app run without
+GatewayApp take the Starlette route `get_task`. Both answer through `reply`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from taskcast import server
 from taskcast.access import http_forbidden, http_grant
 from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
 from taskcast.hub import TaskState
@@ -199,6 +201,10 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
     status, headers, body = answer
     if cors is not None:
         headers = headers + await cors.response_headers(scope)
+    if app_state.server_support.direct_http_writes:
+        link = server.http_link(send)
+        if link is not None and link.respond(status, headers, body):
+            return
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
