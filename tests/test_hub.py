@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -1065,3 +1066,29 @@ async def test_one_unexpected_error_in_a_resync_does_not_end_all_resyncs() -> No
                 await asyncio.sleep(0.01)
     finally:
         await hub.close()
+
+
+def test_a_states_kept_json_is_no_bigger_than_its_text() -> None:
+    """orjson returns its whole working buffer (4 KiB at least, ~10x the text for a large
+    image) and never trims it; a state kept for every watched and polled task must keep a
+    copy of exact size instead, or a gateway following 100,000 tasks holds 400 MiB of it."""
+    image = "A" * 100_000
+    states = [TaskState(task(task_id, 2)) for task_id in range(200)]
+    large = TaskState(Task(task_id=999, status=TaskStatus.COMPLETED, progress=100,
+                           image_base64=image, version=3, updated_at=1))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        texts = [state.json(True) for state in states]
+        large_text = large.json(True)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    held = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    text = sum(len(data) for data in texts) + len(large_text)
+    # Beyond the text: each bytes header, each state's first dict table (~200 B), the list.
+    assert held < text + 201 * 400
+    assert all(state.json(True) is data for state, data in zip(states, texts, strict=True))
+    transient = large.json(False, keep=False)  # not kept: a new object each time
+    assert transient == large.json(False, keep=False) and transient is not large.json(
+        False, keep=False)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -363,6 +365,57 @@ async def test_images_count_by_size_and_a_completion_is_charged_before_anyone_po
         await settled(lambda: _eq(subscribers(own_redis, prefix, 31), 0), "31 released")
         body = (await poll(client, 32)).json()["data"]
         assert body["image"]["image_base64"] == image
+
+
+def _held_bytes(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot,
+                packages: tuple[str, ...] = ("taskcast", "redis")) -> int:
+    """Python memory allocated between the snapshots and still held by the gateway's code
+    and redis-py's (this process also runs the test's HTTP client, and pytest)."""
+    gateway = [tracemalloc.Filter(True, f"*{os.sep}{package}{os.sep}*") for package in packages]
+    return sum(stat.size_diff for stat in after.filter_traces(gateway).compare_to(
+        before.filter_traces(gateway), "filename"))
+
+
+async def test_what_a_polled_task_is_charged_covers_what_the_gateway_holds_for_it(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    """The byte limit is only a bound if the charge is not less than the memory: measured
+    with tracemalloc over 200 polled tasks, and over one completed with a 100 KB image
+    (held twice: the task and the 200 body; orjson's over-allocated output, ~4 KiB per task
+    and ~10x a large image, must not be kept)."""
+    image = base64.b64encode(os.urandom(75_000)).decode()  # 100,000 characters
+    async with polling(own_redis, prefix, resync_interval_s=3600) as (_, client, producer):
+        for task_id in range(1000, 1240):
+            await producer.create(task_id=task_id)
+        await producer.create(task_id=99)
+        await producer.complete(99, image_base64=image)
+        for task_id in range(1200, 1240):  # every code path warmed, pools filled
+            for _ in range(2):
+                assert (await poll(client, task_id)).status_code == 200
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            # 200 tasks: the 240 topics and the image task's stay clear of a resize of the
+            # hub's and redis-py's tables (at 341 entries), which one task would pay for.
+            for task_id in range(1000, 1200):
+                for _ in range(2):  # the miss, then a hit
+                    assert (await poll(client, task_id)).status_code == 200
+            gc.collect()
+            middle = tracemalloc.take_snapshot()
+            for _ in range(2):
+                assert (await poll(client, 99)).json()["data"]["image"]["image_base64"] == image
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        per_task = _held_bytes(before, middle) / 200
+        assert 0 < per_task <= ENTRY_OVERHEAD_BYTES, per_task
+        charged = (await counters(client))["bytes"] - 240 * ENTRY_OVERHEAD_BYTES
+        assert charged == ENTRY_OVERHEAD_BYTES + 2 * len(image)
+        # taskcast's allocations only: redis-py's subscription table grows in steps (a dict
+        # resize of ~9 KiB) that any one task may happen to pay for.
+        assert 2 * len(image) <= _held_bytes(middle, after, ("taskcast",)) <= charged
 
 
 # -- access control stays before the cache ------------------------------------------------------

@@ -133,12 +133,19 @@ class TaskState:
         self.terminal = task.is_terminal
         self._encoded: dict[object, Any] = {}
 
-    def json(self, include_image_base64: bool) -> bytes:
-        """The task object (contract section 1), with or without `image_base64`."""
+    def json(self, include_image_base64: bool, *, keep: bool = True) -> bytes:
+        """The task object (contract section 1), with or without `image_base64`. With
+        `keep=False`, JSON not made yet is not kept either: for a caller that keeps only its
+        own framing of it (each framing is a copy)."""
         data: bytes | None = self._encoded.get(include_image_base64)
         if data is None:
-            data = self._encoded[include_image_base64] = self.task.to_json(
-                include_image_base64=include_image_base64)
+            raw = self.task.to_json(include_image_base64=include_image_base64)
+            if not keep:
+                return raw
+            # A copy of exact size: orjson returns its whole working buffer, at least 4 KiB
+            # and ~10x the text for a large image (libraries.md), which a state kept for
+            # every watched or polled task would otherwise hold.
+            data = self._encoded[include_image_base64] = bytes(memoryview(raw))
         return data
 
     def encoded(self, encoding: Callable[[TaskState], T]) -> T:

@@ -67,7 +67,7 @@ class Settings:
     )
     poll_cache_bytes: int = field(
         default=268_435_456, metadata={"help": "most bytes charged to polled tasks in memory: "
-                                       "2 KiB each plus twice its image_base64 (beyond: the "
+                                       "2.5 KiB each plus twice its image_base64 (beyond: the "
                                        "least recently polled goes)"}
     )
     max_tasks_per_stream: int = field(
