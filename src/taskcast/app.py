@@ -37,7 +37,7 @@ from taskcast.metrics import Metrics, metrics_endpoint, metrics_server
 from taskcast.openapi import openapi_json
 from taskcast.poll_cache import PollCache, PollCacheCollector
 from taskcast.producer import Producer
-from taskcast.responses import envelope, internal_error
+from taskcast.responses import envelope, failure, internal_error
 from taskcast.settings import Settings
 from taskcast.static import browser_client
 from taskcast.store import TaskStore
@@ -189,7 +189,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         poll_cache = app.state.poll_cache = None
         if settings.poll_watch_s > 0 and settings.poll_cache_tasks > 0:
             poll_cache = app.state.poll_cache = PollCache(
-                hub, broker, watch_s=settings.poll_watch_s,
+                hub, watch_s=settings.poll_watch_s,
                 max_tasks=settings.poll_cache_tasks, max_bytes=settings.poll_cache_bytes)
             metrics.registry.register(PollCacheCollector(poll_cache))
         hub.start()
@@ -260,8 +260,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Starl
         lifespan=lifespan,
         exception_handlers={
             HTTPException: _http_error,
-            StoreUnavailable: _store_unavailable,
-            CorruptRecord: _corrupt_record,
+            StoreUnavailable: _store_error,
+            CorruptRecord: _store_error,
             Exception: _unexpected_error,
         },
     )
@@ -285,14 +285,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return envelope(exc.status_code, msg, headers=exc.headers)
 
 
-async def _store_unavailable(request: Request, exc: Exception) -> Response:
-    logger.warning("%s %s: %s", request.scope.get("method", "WS"), request.url.path, exc)
-    return internal_error()
-
-
-async def _corrupt_record(request: Request, exc: Exception) -> Response:
-    logger.error("%s %s: %s", request.scope.get("method", "WS"), request.url.path, exc)
-    return internal_error()
+async def _store_error(request: Request, exc: Exception) -> Response:
+    return failure(exc, f"{request.scope.get('method', 'WS')} {request.url.path}", logger)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 from starlette.responses import Response
+
+from taskcast.errors import CorruptRecord, StoreUnavailable
 
 JSON = "application/json"
 
@@ -35,6 +38,19 @@ def not_found(msg: str = "task not found") -> Response:
 def internal_error() -> Response:
     """The seed's 500 body; it names no cause (that goes to the log)."""
     return envelope(500, "internal server error")
+
+
+def failure(exc: Exception, what: str, log: logging.Logger) -> Response:
+    """The 500 for an error that reached the top of a request (`what`: e.g. "GET /tasks/1"),
+    logged in one line for Redis unavailable (a warning) or a corrupt record (an error, no
+    traceback: the message says what is wrong), with its traceback for anything else."""
+    if isinstance(exc, StoreUnavailable):
+        log.warning("%s: %s", what, exc)
+    elif isinstance(exc, CorruptRecord):
+        log.error("%s: %s", what, exc)
+    else:
+        log.error("%s failed", what, exc_info=exc)
+    return internal_error()
 
 
 def validation_error(details: list[dict[str, Any]]) -> Response:

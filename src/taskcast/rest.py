@@ -21,11 +21,12 @@ from starlette.types import Receive, Scope, Send
 
 from taskcast import server
 from taskcast.access import http_forbidden, http_grant
-from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
+from taskcast.cors import add_cors_headers
+from taskcast.errors import InvalidParameter
 from taskcast.hub import TaskState
 from taskcast.ids import parse_task_id
 from taskcast.poll_cache import PollCache
-from taskcast.responses import internal_error, not_found, task_body, validation_error
+from taskcast.responses import failure, not_found, task_body, validation_error
 from taskcast.store import TaskStore
 
 logger = logging.getLogger(__name__)
@@ -136,8 +137,9 @@ def _answer(state: TaskState, include: bool, if_none_match: str | None) -> Answe
 async def reply(app_state: Any, scope: Scope) -> Answer | Response:
     """The answer to a GET of a task: 200 with the task and its ETag, 304 when If-None-Match
     has that ETag, 404, 422 for a malformed id or flag, 500 when Redis fails or the record is
-    corrupt (never a 304 then). With access control on: 401 without a valid token, then 422,
-    then 403 for an id the token does not name, all before any cache or Redis is read."""
+    corrupt (never a 304 then: StoreUnavailable and CorruptRecord propagate, to `serve` or the
+    app's handlers). With access control on: 401 without a valid token, then 422, then 403
+    for an id the token does not name, all before any cache or Redis is read."""
     grant = http_grant(app_state.gate, scope, "rest")
     if isinstance(grant, Response):
         return grant
@@ -153,18 +155,11 @@ async def reply(app_state: Any, scope: Scope) -> Answer | Response:
         return refusal
     if_none_match, fresh = _conditions(scope)
     cache: PollCache | None = app_state.poll_cache
-    try:
-        if cache is not None:
-            state = (None if fresh else cache.cached(task_id)) or await cache.read(
-                task_id, fresh=fresh)
-        else:
-            state = await _read_store(app_state.store, task_id, include, if_none_match)
-    except StoreUnavailable as exc:
-        logger.warning("GET %s: %s", scope["path"], exc)
-        return internal_error()
-    except CorruptRecord as exc:
-        logger.error("GET %s: %s", scope["path"], exc)
-        return internal_error()
+    if cache is not None:
+        state = (None if fresh else cache.cached(task_id)) or await cache.read(
+            task_id, fresh=fresh)
+    else:
+        state = await _read_store(app_state.store, task_id, include, if_none_match)
     if state is None:
         return not_found()
     return _answer(state, include, if_none_match)
@@ -191,16 +186,14 @@ async def serve(scope: Scope, receive: Receive, send: Send) -> None:
     app_state = scope["app"].state
     try:
         answer = await reply(app_state, scope)
-    except Exception:
-        logger.exception("GET %s failed", scope["path"])
-        answer = internal_error()
-    cors = app_state.cors
+    except Exception as exc:
+        answer = failure(exc, f"GET {scope['path']}", logger)
     if isinstance(answer, Response):
-        if cors is not None:
-            answer.raw_headers.extend(await cors.response_headers(scope))
+        await add_cors_headers(answer, scope)
         await answer(scope, receive, send)
         return
     status, headers, body = answer
+    cors = app_state.cors
     if cors is not None:
         headers = headers + await cors.response_headers(scope)
     if app_state.server_support.direct_http_writes:

@@ -27,11 +27,11 @@ from taskcast import server
 from taskcast.access import http_forbidden, http_grant
 from taskcast.cors import CorsPolicy, add_cors_headers
 from taskcast.delivery import Connections, End, Item, Session
-from taskcast.errors import CorruptRecord, InvalidParameter, StoreUnavailable
+from taskcast.errors import CorruptRecord, InvalidParameter
 from taskcast.hub import TaskState
 from taskcast.ids import parse_task_id
 from taskcast.models import Task
-from taskcast.responses import internal_error, not_found, validation_error
+from taskcast.responses import failure, not_found, validation_error
 from taskcast.rest import image_base64_flag
 
 logger = logging.getLogger(__name__)
@@ -342,15 +342,8 @@ async def serve(scope: Scope, receive: Receive, send: Send, path_params: dict[st
     scope["path_params"] = path_params
     try:
         response = await endpoint(Request(scope, receive))
-    except CorruptRecord as exc:
-        logger.error("GET %s: %s", scope["path"], exc)
-        response = internal_error()
-    except StoreUnavailable as exc:
-        logger.warning("GET %s: %s", scope["path"], exc)
-        response = internal_error()
-    except Exception:
-        logger.exception("GET %s failed", scope["path"])
-        response = internal_error()
+    except Exception as exc:
+        response = failure(exc, f"GET {scope['path']}", logger)
     if not isinstance(response, EventStream):  # a stream sends its CORS headers itself
         await add_cors_headers(response, scope)
     await response(scope, receive, send)
