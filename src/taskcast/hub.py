@@ -369,11 +369,7 @@ class Hub:
     def watch(self, watcher: Watcher, task_id: int, current: Task | None = None) -> None:
         """Follow a task. `current` is a state the caller just read (e.g. from lookup): it is
         offered at once instead of after the subscription's confirmation and re-read."""
-        topic = self._topics.get(task_id)
-        if topic is None:
-            topic = self._topics[task_id] = _Topic()
-            self.broker.subscribe(task_id)
-            self._update_gauges()
+        topic = self._follow(task_id)
         topic.watchers.add(watcher)
         if current is not None:
             self.accept(current)
@@ -391,22 +387,14 @@ class Hub:
             if topic is None:
                 continue
             topic.watchers.discard(watcher)
-            if not topic.watchers and topic.retainer is None:
-                del self._topics[task_id]
-                self.broker.unsubscribe(task_id)
-                changed = True
+            changed = self._drop_if_unfollowed(task_id, topic) or changed
         if changed:
             self._update_gauges()
 
     def retain(self, task_id: int, retainer: Retainer) -> None:
         """Follow a task without a watcher: subscribed, re-read and kept current like a
         watched one (state_of), until release(). One retainer per task."""
-        topic = self._topics.get(task_id)
-        if topic is None:
-            topic = self._topics[task_id] = _Topic()
-            self.broker.subscribe(task_id)
-            self._update_gauges()
-        topic.retainer = retainer
+        self._follow(task_id).retainer = retainer
 
     def release(self, task_id: int) -> None:
         """End retain(); the subscription goes when no watcher is left either."""
@@ -414,10 +402,26 @@ class Hub:
         if topic is None:
             return
         topic.retainer = None
-        if not topic.watchers:
-            del self._topics[task_id]
-            self.broker.unsubscribe(task_id)
+        if self._drop_if_unfollowed(task_id, topic):
             self._update_gauges()
+
+    def _follow(self, task_id: int) -> _Topic:
+        """The task's topic, made and subscribed if the task was not followed."""
+        topic = self._topics.get(task_id)
+        if topic is None:
+            topic = self._topics[task_id] = _Topic()
+            self.broker.subscribe(task_id)
+            self._update_gauges()
+        return topic
+
+    def _drop_if_unfollowed(self, task_id: int, topic: _Topic) -> bool:
+        """Drop the topic and its subscription when neither a watcher nor a retainer is
+        left; whether it went (the caller updates the gauges)."""
+        if topic.watchers or topic.retainer is not None:
+            return False
+        del self._topics[task_id]
+        self.broker.unsubscribe(task_id)
+        return True
 
     def state_of(self, task_id: int) -> TaskState | None:
         """The newest state of a followed task, which every watcher has been offered or

@@ -26,11 +26,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from taskcast.aio import cancel_and_wait
-from taskcast.hub import Broker, Hub, TaskState
+from taskcast.hub import Hub, TaskState
 
 # What one soft watch costs besides its image: the hub's topic and subscription, the decoded
-# task, its encoded 200 answer and this entry. Measured with tracemalloc: 1.85 KiB per task over
-# 300 tasks (tests/test_poll_cache.py checks the charge covers it), 2.0 KiB over 5,000; the
+# task, its encoded 200 answer and this entry. Measured with tracemalloc: 1.8 KiB per task over
+# 200 tasks (tests/test_poll_cache.py checks the charge covers it), 2.0 KiB over 5,000; the
 # charge leaves room for what Python's allocator and dict growth add.
 ENTRY_OVERHEAD_BYTES = 2560
 
@@ -54,10 +54,8 @@ class PollCache:
     (state_bytes); beyond either, the least recently polled is released. A soft watch not
     polled for `watch_s` seconds is released by a sweep (at most a second late)."""
 
-    def __init__(self, hub: Hub, broker: Broker, *, watch_s: float, max_tasks: int,
-                 max_bytes: int) -> None:
+    def __init__(self, hub: Hub, *, watch_s: float, max_tasks: int, max_bytes: int) -> None:
         self.hub = hub
-        self.broker = broker
         self.watch_s = watch_s
         self.max_tasks = max_tasks
         self.max_bytes = max_bytes
@@ -70,9 +68,6 @@ class PollCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def __contains__(self, task_id: int) -> bool:
-        return task_id in self._entries
 
     def start(self) -> None:
         """Start the expiry sweep; once, on the running loop."""
@@ -89,7 +84,7 @@ class PollCache:
         """The state to answer a poll with from memory, or None for a miss (then call read).
         A hit counts as a poll: the soft watch is extended."""
         entry = self._entries.get(task_id)
-        if entry is None or not self.broker.connected:
+        if entry is None or not self.hub.broker.connected:
             return None
         state = self.hub.state_of(task_id)
         if state is None:
@@ -153,9 +148,9 @@ class PollCache:
             self.bytes -= entry.size
             self.hub.release(task_id)
 
-    def expire(self, now: float | None = None) -> int:
-        """Release the soft watches not polled for `watch_s`; how many went."""
-        deadline = (time.monotonic() if now is None else now) - self.watch_s
+    def expire(self) -> None:
+        """Release the soft watches not polled for `watch_s`."""
+        deadline = time.monotonic() - self.watch_s
         expired = 0
         entries = self._entries
         while entries:
@@ -165,7 +160,6 @@ class PollCache:
             self._release(task_id)
             expired += 1
         self.evicted["expired"] += expired
-        return expired
 
     async def _sweep(self) -> None:
         while True:
