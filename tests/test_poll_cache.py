@@ -30,7 +30,8 @@ from taskcast.poll_cache import ENTRY_OVERHEAD_BYTES
 from taskcast.producer import Producer
 from taskcast.settings import Settings
 from tests.servers import Gateway, RedisServer, eventually, run_gateway
-from tests.sse_client import iter_frames, metric
+from tests.sse_client import iter_frames, metric, numsub
+from tests.test_large_images import commandstat_calls
 from tests.test_ws import recv, subscribe, ws_connect
 
 BOUND_S = 10.0
@@ -90,15 +91,14 @@ async def record_reads(redis: RedisServer) -> int:
     """HMGET calls the server has answered: every read of a record (whole, or its version)."""
     client = aioredis.Redis.from_url(redis.url)
     try:
-        stats = await client.info("commandstats")
+        return await commandstat_calls(client, "hmget")
     finally:
         await client.aclose()
-    return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
 
 
 async def subscribers(redis: RedisServer, prefix: str, task_id: int) -> int:
-    out = await asyncio.to_thread(redis.cli, "PUBSUB", "NUMSUB", TaskKeys(prefix).channel(task_id))
-    return int(out.split()[-1])
+    channel = TaskKeys(prefix).channel(task_id)
+    return (await asyncio.to_thread(numsub, redis.cli, [channel]))[channel]
 
 
 async def settled(check: Callable[[], Awaitable[bool]], what: str) -> None:
