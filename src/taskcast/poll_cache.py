@@ -30,8 +30,8 @@ from taskcast.hub import Hub, TaskState
 
 # What one soft watch costs besides its image: the hub's topic and subscription, the decoded
 # task, its encoded 200 answer and this entry. Measured with tracemalloc: 1.8 KiB per task over
-# 200 tasks (tests/test_poll_cache.py checks the charge covers it), 2.0 KiB over 5,000; the
-# charge leaves room for what Python's allocator and dict growth add.
+# 200 tasks (tests/test_poll_cache.py checks the charge covers it), 1.9 KiB over 5,000
+# (bench/poll_memory.py); the charge leaves room for what the allocator and dict growth add.
 ENTRY_OVERHEAD_BYTES = 2560
 
 
